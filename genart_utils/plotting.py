@@ -1,0 +1,113 @@
+"""Figures for the book. Every function returns a :class:`matplotlib.figure.Figure` and
+none calls ``plt.show()``: the notebook decides when to show (end a cell with ``fig``).
+
+Figures are built with :class:`~matplotlib.figure.Figure` directly rather than through
+``pyplot``, so no global figure list grows and nothing is displayed twice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .training import History
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.0, 3.0), **kwargs):
+    """A figure with a grid of axes, each panel ``size`` inches: ``fig, axes = new_figure(2)``."""
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=True, **kwargs)
+    return fig, axes
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Tile ``(N, C, H, W)`` images into one ``(rows*H', nrow*W', C)`` array."""
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    x = images.detach().float().cpu().numpy()
+    n, c, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), pad_value,
+                   dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
+    return grid
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None,
+               value_range: tuple[float, float] = (0.0, 1.0), scale: float = 0.6,
+               labels: Sequence[str] | None = None) -> Figure:
+    """Show ``(N, C, H, W)`` images in a grid; values are clipped to ``value_range``.
+
+    Single-channel images are drawn in grey with ink dark on a white page (``gray_r``
+    shows high values as dark: MNIST's strokes are 1 and its background 0).
+    """
+    lo, hi = value_range
+    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    n = len(x)
+    ncols = min(nrow, n)
+    nrows = math.ceil(n / nrow)
+    h, w = x.shape[-2:]
+    cell = scale * max(h, w) / 28 + 0.35
+    fig = Figure(figsize=(ncols * cell, nrows * cell + (0.3 if title else 0)), layout="constrained")
+    ax = fig.add_subplot()
+    grid = make_grid(x, nrow=ncols, pad_value=0.0 if x.shape[1] == 1 else 1.0)
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    if labels is not None:
+        for i, label in enumerate(labels[:n]):
+            r, c = divmod(i, ncols)
+            ax.text(1 + c * (w + 1), 1 + r * (h + 1), str(label), color="tab:red",
+                    fontsize=8, va="top", ha="left")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    # Average over the available points at the start instead of padding with zeros.
+    return np.convolve(values, kernel, mode="full")[: len(values)] / np.convolve(
+        np.ones_like(values), kernel, mode="full")[: len(values)]
+
+
+def plot_history(history: History, keys: Sequence[str] | None = None, smooth: int = 1,
+                 logy: bool = False, title: str | None = None,
+                 panels: Sequence[Sequence[str]] | None = None) -> Figure:
+    """Training curves from a :class:`~genart_utils.training.History`.
+
+    Args:
+        keys: the series to draw on one panel (default: all). ``panels`` instead draws a
+            panel per group of keys, e.g. ``[["loss_d", "loss_g"], ["d_real", "d_fake"]]``.
+        smooth: a running-mean window; the raw values are drawn faintly behind.
+    """
+    groups = [list(p) for p in panels] if panels else [list(keys or history.keys())]
+    fig, axes = new_figure(len(groups), size=(4.5, 3.0))
+    axes = np.atleast_1d(axes)
+    for ax, group in zip(axes, groups):
+        for key in group:
+            steps, values = history.series(key)
+            if smooth > 1:
+                line, = ax.plot(steps, values, alpha=0.25)
+                ax.plot(steps, _smooth(values, smooth), color=line.get_color(), label=key)
+            else:
+                ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None)
+        ax.set_xlabel("step")
+        if logy:
+            ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig

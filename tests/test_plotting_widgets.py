@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from genart_utils import plotting, training, widgets
+
+
+def test_make_grid_places_each_image():
+    images = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 1, 2, 3)
+    grid = plotting.make_grid(images, nrow=4, padding=1, pad_value=-1)
+    assert grid.shape == (2 * 3 + 1, 4 * 4 + 1, 1)
+    assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 1 and grid[4, 5, 0] == 5  # row 2, column 2
+    assert grid[0, 0, 0] == -1
+
+
+def test_image_grid_and_history_return_figures():
+    fig = plotting.image_grid(torch.rand(10, 1, 8, 8), nrow=5, title="t", labels=list("abcdefghij"))
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    h = training.History()
+    for s in range(1, 50):
+        h.log(s, {"a": 1 / s, "b": s})
+    fig = plotting.plot_history(h, panels=[["a"], ["b"]], smooth=5)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    with pytest.raises(KeyError, match="nothing logged under 'c'"):
+        plotting.plot_history(h, keys=["c"])
+    with pytest.raises(ValueError, match="shape"):
+        plotting.image_grid(torch.rand(3, 8, 8))
+
+
+def test_smoothing_is_a_running_mean():
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(plotting._smooth(values, 2), [1.0, 2.0, 4.0, 6.0])
+
+
+def test_explore_draws_static_figure_first_and_redraws_on_change(monkeypatch):
+    import ipywidgets
+    shown = []
+    monkeypatch.setattr(widgets.ipython_display, "display", lambda obj: shown.append(obj))
+    calls = []
+
+    def plot(a, b):
+        calls.append((a, b))
+        fig, ax = plotting.new_figure()
+        ax.plot([0, 1], [a, b])
+        return fig
+
+    controls = {"a": ipywidgets.FloatSlider(value=1.0), "b": ipywidgets.IntSlider(value=2)}
+    panel = widgets.explore(plot, controls)
+    assert calls == [(1.0, 2)] and isinstance(shown[0], Figure)
+    controls["a"].value = 3.0
+    assert calls[-1] == (3.0, 2)
+    assert isinstance(panel, ipywidgets.VBox) and "run this notebook" in repr(panel)
+    with pytest.raises(ValueError, match="at least one control"):
+        widgets.explore(plot, {})
