@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import tempfile
 import urllib.error
@@ -124,6 +125,19 @@ def load_digits(split: str = "train", test_fraction: float = 0.1, seed: int = 0)
     train_idx, test_idx = stratified_split(bunch.target, test_fraction, seed)
     idx = train_idx if split == "train" else test_idx
     return _to_dataset(bunch.data[idx], bunch.target[idx], 8, 16.0, "digits", split)
+
+
+def ring_of_gaussians(n: int, modes: int = 8, radius: float = 2.0, std: float = 0.02,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` points from an equal mixture of ``modes`` isotropic Gaussians (standard deviation
+    ``std``) centred on a circle of ``radius``: the classic 2-D test of mode collapse.
+
+    Returns the samples ``(n, 2)`` and the centres ``(modes, 2)``.
+    """
+    angles = 2 * math.pi * torch.arange(modes) / modes
+    centers = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    which = torch.randint(modes, (n,), generator=generator)
+    return centers[which] + std * torch.randn(n, 2, generator=generator), centers
 
 
 # --------------------------------------------------------------------------- downloads

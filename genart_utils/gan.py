@@ -1,0 +1,298 @@
+"""Generative adversarial networks: losses, an MLP pair for 2-D toys, DCGAN for images.
+
+The game (Goodfellow et al. 2014): a discriminator :math:`D` tells data from samples and
+a generator :math:`G` maps noise :math:`z \\sim p(z)` to samples,
+
+.. math:: \\min_G \\max_D V(D, G) = \\mathbb E_{x \\sim p_\\text{data}}[\\log D(x)]
+          + \\mathbb E_{z \\sim p(z)}[\\log(1 - D(G(z)))].
+
+Every loss here takes the discriminator's *logits* :math:`\\ell` (so
+:math:`D = \\sigma(\\ell)`), and uses :math:`-\\log \\sigma(\\ell) = \\operatorname{softplus}(-\\ell)`
+and :math:`-\\log(1 - \\sigma(\\ell)) = \\operatorname{softplus}(\\ell)`, which stay finite where
+:math:`D` itself rounds to 0 or 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime import autocast, grad_scaler
+
+GeneratorLoss = Literal["non_saturating", "saturating"]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def value_function(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    r"""Monte Carlo estimate of :math:`V(D, G) = \mathbb E[\log D(x)] + \mathbb E[\log(1 - D(G(z)))]`.
+
+    Args:
+        real_logits: :math:`\ell(x)` on data, shape ``(B,)`` or ``(B, 1)``.
+        fake_logits: :math:`\ell(G(z))` on samples, any batch shape.
+    """
+    return -F.softplus(-real_logits).mean() - F.softplus(fake_logits).mean()
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    r"""The discriminator's loss :math:`-V(D, G)`: binary cross-entropy with labels 1 for
+    data and 0 for samples, each term averaged over its own batch.
+
+    .. math:: \mathcal L_D = -\mathbb E_x[\log D(x)] - \mathbb E_z[\log(1 - D(G(z)))]
+    """
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: GeneratorLoss = "non_saturating") -> torch.Tensor:
+    r"""The generator's loss on the discriminator's logits for its samples.
+
+    ``"saturating"``: the minimax loss :math:`\mathbb E_z[\log(1 - D(G(z)))]`; its gradient
+    with respect to the logit is :math:`-\sigma(\ell) = -D`, which vanishes when the
+    discriminator confidently rejects the samples (:math:`D \to 0`), early in training.
+
+    ``"non_saturating"``: :math:`-\mathbb E_z[\log D(G(z))]`; the same fixed point, but
+    gradient :math:`-(1 - D)`, which is largest exactly when :math:`D \to 0`.
+    """
+    if kind == "non_saturating":
+        return F.softplus(-fake_logits).mean()
+    if kind == "saturating":
+        return -F.softplus(fake_logits).mean()
+    raise ValueError(f"unknown generator loss {kind!r}; use 'non_saturating' or 'saturating'")
+
+
+# ----------------------------------------------------------------------------- models
+
+@dataclass(frozen=True)
+class MLPGANConfig:
+    """A small fully connected GAN for 2-D toy data."""
+
+    data_dim: int = 2       # dimension of x
+    latent_dim: int = 2     # dimension of z ~ N(0, I)
+    hidden: int = 128       # width of every hidden layer
+    depth: int = 3          # hidden layers per network
+    lr: float = 1e-3        # Adam learning rate of both players
+    beta1: float = 0.5      # Adam beta1 (DCGAN's choice, also stable for toys)
+    loss: GeneratorLoss = "non_saturating"
+
+
+def _mlp(n_in: int, n_out: int, hidden: int, depth: int, act: Callable[[], nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(n_in if i == 0 else hidden, hidden), act()]
+    layers.append(nn.Linear(hidden, n_out))
+    return nn.Sequential(*layers)
+
+
+class MLPGenerator(nn.Module):
+    """``z (B, latent_dim) -> x (B, data_dim)``, unbounded output."""
+
+    def __init__(self, config: MLPGANConfig):
+        super().__init__()
+        self.config = config
+        self.net = _mlp(config.latent_dim, config.data_dim, config.hidden, config.depth, nn.ReLU)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class MLPDiscriminator(nn.Module):
+    """``x (B, data_dim) -> logit (B,)``."""
+
+    def __init__(self, config: MLPGANConfig):
+        super().__init__()
+        self.config = config
+        self.net = _mlp(config.data_dim, 1, config.hidden, config.depth,
+                        lambda: nn.LeakyReLU(0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class DCGANConfig:
+    """DCGAN (Radford et al. 2016) for 28x28 images, with the paper's training choices."""
+
+    latent_dim: int = 100   # z ~ N(0, I) of this size (the paper uses 100)
+    channels: int = 1       # image channels (1 for MNIST)
+    g_width: int = 64       # generator channels at 14x14; 2 * g_width at 7x7
+    d_width: int = 64       # discriminator channels at 14x14; 2 * d_width at 7x7
+    lr: float = 2e-4        # Adam learning rate, both players (paper)
+    beta1: float = 0.5      # Adam beta1 (paper: 0.9 oscillated)
+    loss: GeneratorLoss = "non_saturating"
+
+
+class DCGANGenerator(nn.Module):
+    """``z (B, latent_dim) -> image (B, C, 28, 28)`` in ``[-1, 1]`` (tanh).
+
+    Shapes: ``(B, Z, 1, 1) -> (B, 2g, 7, 7) -> (B, g, 14, 14) -> (B, C, 28, 28)``, each
+    transposed convolution but the last followed by batch norm and ReLU.
+    """
+
+    def __init__(self, config: DCGANConfig):
+        super().__init__()
+        self.config = config
+        g = config.g_width
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(config.latent_dim, 2 * g, 7, 1, 0, bias=False),  # 1 -> 7
+            nn.BatchNorm2d(2 * g), nn.ReLU(True),
+            nn.ConvTranspose2d(2 * g, g, 4, 2, 1, bias=False),                  # 7 -> 14
+            nn.BatchNorm2d(g), nn.ReLU(True),
+            nn.ConvTranspose2d(g, config.channels, 4, 2, 1),                    # 14 -> 28
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    """``image (B, C, 28, 28) in [-1, 1] -> logit (B,)``.
+
+    Shapes: ``(B, C, 28, 28) -> (B, d, 14, 14) -> (B, 2d, 7, 7) -> (B,)``; strided
+    convolutions instead of pooling, LeakyReLU(0.2), no batch norm on the input layer.
+    """
+
+    def __init__(self, config: DCGANConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_width
+        self.net = nn.Sequential(
+            nn.Conv2d(config.channels, d, 4, 2, 1), nn.LeakyReLU(0.2, True),            # 28 -> 14
+            nn.Conv2d(d, 2 * d, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * d),
+            nn.LeakyReLU(0.2, True),                                                    # 14 -> 7
+            nn.Conv2d(2 * d, 1, 7, 1, 0),                                               # 7 -> 1
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """The paper's initialisation: conv weights ~ N(0, 0.02); batch-norm scale ~ N(1, 0.02)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_dcgan(config: DCGANConfig, device: torch.device | str = "cpu"
+                ) -> tuple[DCGANGenerator, DCGANDiscriminator]:
+    """Generator and discriminator with the DCGAN initialisation, on ``device``."""
+    G, D = DCGANGenerator(config), DCGANDiscriminator(config)
+    G.apply(dcgan_init)
+    D.apply(dcgan_init)
+    return G.to(device), D.to(device)
+
+
+def adam_pair(G: nn.Module, D: nn.Module, lr: float, beta1: float
+              ) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """One Adam optimiser per player, with betas ``(beta1, 0.999)``."""
+    return (torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999)),
+            torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999)))
+
+
+# ------------------------------------------------------------------------ train, sample
+
+def sample_latent(n: int, latent_dim: int, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` codes ``z ~ N(0, I)`` of shape ``(n, latent_dim)``, drawn on the CPU from
+    ``generator`` (so the same seed gives the same codes on every device)."""
+    return torch.randn(n, latent_dim, generator=generator).to(device)
+
+
+def make_train_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
+                    opt_d: torch.optim.Optimizer, *, latent_dim: int,
+                    loss: GeneratorLoss = "non_saturating", device: torch.device | str = "cpu",
+                    generator: torch.Generator | None = None, amp: bool = False,
+                    channels_last: bool = False) -> Callable[[tuple], dict[str, float]]:
+    """One alternating update per call: the discriminator, then the generator.
+
+    The returned function takes a batch ``(x, ...)`` of data in the generator's output range
+    and returns ``loss_d``, ``loss_g``, ``d_real`` (mean :math:`D(x)`) and ``d_fake`` (mean
+    :math:`D(G(z))` before the generator's update). ``amp`` enables mixed precision on CUDA
+    (bf16, or fp16 with a gradient scaler) and does nothing on CPU.
+    """
+    device = torch.device(device)
+    scaler = grad_scaler(device, amp)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+
+    def step(batch) -> dict[str, float]:
+        x = batch[0].to(device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=memory_format)
+        z = sample_latent(len(x), latent_dim, generator, device)
+
+        with autocast(device, amp):
+            fake = G(z)
+            real_logits, fake_logits = D(x), D(fake.detach())
+            loss_d = discriminator_loss(real_logits.float(), fake_logits.float())
+        opt_d.zero_grad(set_to_none=True)
+        scaler.scale(loss_d).backward()
+        scaler.step(opt_d)
+
+        with autocast(device, amp):
+            loss_g = generator_loss(D(fake).float(), loss)
+        opt_g.zero_grad(set_to_none=True)
+        scaler.scale(loss_g).backward()
+        scaler.step(opt_g)
+        scaler.update()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
+                "d_real": torch.sigmoid(real_logits.float()).mean().item(),
+                "d_fake": torch.sigmoid(fake_logits.float()).mean().item()}
+
+    return step
+
+
+@torch.no_grad()
+def sample(G: nn.Module, n: int, generator: torch.Generator | None = None,
+           z: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Draw ``n`` samples from ``G`` in evaluation mode (batch norm uses running statistics).
+
+    Pass ``z`` to decode given codes, or a seeded ``generator`` for reproducible draws.
+    Returns the generator's raw output on the CPU (``[-1, 1]`` for the DCGAN).
+    """
+    device = device or next(G.parameters()).device
+    was_training = G.training
+    G.eval()
+    try:
+        if z is None:
+            z = sample_latent(n, G.config.latent_dim, generator, device)
+        return G(z.to(device)).float().cpu()
+    finally:
+        G.train(was_training)
+
+
+def to_tanh_range(x: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` images (the datasets' range) to ``[-1, 1]`` (the generator's)."""
+    return 2.0 * x - 1.0
+
+
+def from_tanh_range(x: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` generator output back to ``[0, 1]`` images, clipped."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    r"""Spherical interpolation between two codes for each ``t`` in ``[0, 1]``:
+
+    .. math:: \mathrm{slerp}(z_0, z_1; t) = \frac{\sin((1-t)\Omega)}{\sin\Omega} z_0
+              + \frac{\sin(t\Omega)}{\sin\Omega} z_1, \quad
+              \cos\Omega = \frac{z_0 \cdot z_1}{\|z_0\|\,\|z_1\|}.
+
+    Gaussian codes in high dimension concentrate near a sphere; the straight line between
+    two of them passes through lower-norm codes that the generator rarely saw.
+    Returns shape ``(len(t), latent_dim)``.
+    """
+    t = t.reshape(-1, 1).to(z0.dtype)
+    cos = (z0 @ z1) / (z0.norm() * z1.norm())
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    if omega.abs() < 1e-6:  # (anti)parallel codes: fall back to the straight line
+        return (1 - t) * z0 + t * z1
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)

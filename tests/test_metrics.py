@@ -1,0 +1,52 @@
+import math
+
+import torch
+
+from genart_utils import metrics
+
+
+def test_frechet_distance_matches_closed_form_for_commuting_gaussians():
+    # Diagonal covariances commute: d^2 = |mu1-mu2|^2 + sum (s1 - s2)^2 with s the std devs.
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    s1, s2 = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 1.0, 0.5])
+    d = metrics.frechet_distance(mu1, torch.diag(s1**2), mu2, torch.diag(s2**2))
+    assert math.isclose(d, 5.0 + 4.0 + 1.0, rel_tol=1e-9)
+
+
+def test_frechet_distance_general_case_and_invariances():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64)
+    c1, c2 = a @ a.T + 0.1 * torch.eye(4, dtype=torch.float64), b @ b.T + 0.1 * torch.eye(4, dtype=torch.float64)
+    mu = torch.zeros(4, dtype=torch.float64)
+    # Brute force with the non-symmetric product's eigenvalues.
+    cross = torch.linalg.eigvals(c1 @ c2).real.clamp(min=0).sqrt().sum()
+    ref = float(torch.trace(c1) + torch.trace(c2) - 2 * cross)
+    assert math.isclose(metrics.frechet_distance(mu, c1, mu, c2), ref, rel_tol=1e-8)
+    assert math.isclose(metrics.frechet_distance(mu, c1, mu, c2), metrics.frechet_distance(mu, c2, mu, c1), rel_tol=1e-8)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    feats = torch.randn(500, 16, generator=torch.Generator().manual_seed(1))
+    assert abs(metrics.frechet_distance_of(feats, feats)) < 1e-8
+    assert metrics.frechet_distance_of(feats, feats + 1.0) > 15.9
+
+
+def test_mode_coverage_counts_modes_and_quality():
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    samples = torch.cat([centers[0] + 0.01 * torch.randn(50, 2), centers[1] + 0.01 * torch.randn(50, 2),
+                         torch.full((100, 2), 5.0)])
+    out = metrics.mode_coverage(samples, centers, std=0.1)
+    assert out == {"modes_covered": 2, "high_quality": 0.5, "n_modes": 3}
+
+
+def test_classifier_learns_and_caches(tmp_path):
+    from genart_utils import data
+
+    ds = data.load_mnist5k("train")
+    cfg = metrics.ClassifierConfig(width=8, feature_dim=16, steps=100, batch_size=64)
+    model = metrics.train_classifier(ds.images, ds.labels, cfg, cache=tmp_path / "clf.pt")
+    test = data.load_mnist5k("test")
+    feats, preds = metrics.classifier_outputs(model, test.images)
+    assert feats.shape == (500, 16) and (preds == test.labels).float().mean() > 0.6
+    again = metrics.train_classifier(ds.images, ds.labels, cfg, cache=tmp_path / "clf.pt")
+    assert torch.equal(metrics.classifier_outputs(again, test.images)[0], feats)
