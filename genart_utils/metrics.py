@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,21 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor,
     if cache is not None:
         training.save_checkpoint(cache, {"model": model}, config=config, history=history)
     return model.eval()
+
+
+def feature_classifier(dataset: str = "mnist5k", config: ClassifierConfig = ClassifierConfig(),
+                       progress: bool = False) -> DigitClassifier:
+    """The feature classifier for a dataset's training split, shared by every chapter.
+
+    Trained once per (dataset, config) and cached under ``data_home()/classifiers``, so the
+    GAN and VAE chapters measure their samples with the very same network.
+    """
+    from .data import data_home, load_dataset
+
+    tag = hashlib.sha256(repr(config).encode()).hexdigest()[:10]
+    cache = data_home() / "classifiers" / f"{dataset}-{tag}.pt"
+    train = load_dataset(dataset, "train")
+    return train_classifier(train.images, train.labels, config, cache=cache, progress=progress)
 
 
 @torch.no_grad()

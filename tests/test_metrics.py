@@ -50,3 +50,13 @@ def test_classifier_learns_and_caches(tmp_path):
     assert feats.shape == (500, 16) and (preds == test.labels).float().mean() > 0.6
     again = metrics.train_classifier(ds.images, ds.labels, cfg, cache=tmp_path / "clf.pt")
     assert torch.equal(metrics.classifier_outputs(again, test.images)[0], feats)
+
+
+def test_feature_classifier_is_cached_per_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENART_DATA", str(tmp_path))
+    cfg = metrics.ClassifierConfig(width=2, feature_dim=4, steps=3, batch_size=16)
+    first = metrics.feature_classifier("mnist5k", cfg)
+    files = list((tmp_path / "classifiers").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("mnist5k-")
+    second = metrics.feature_classifier("mnist5k", cfg)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
