@@ -109,7 +109,8 @@ class GaussianMixture1d(nn.Module):
     def from_parameters(cls, weights: torch.Tensor | list[float], mu: torch.Tensor | list[float],
                         sigma: torch.Tensor | list[float]) -> "GaussianMixture1d":
         r"""A mixture with given weights :math:`\pi`, means :math:`\mu` and standard deviations
-        :math:`\sigma` (each of shape ``(K,)``), e.g. a known ground truth or another fit.
+        :math:`\sigma` (each of shape ``(K,)``, as tensors, lists or NumPy arrays), e.g. a
+        known ground truth or a fit from another library such as scikit-learn.
 
         The weights are renormalised; they are stored as logits :math:`a = \log \pi`.
         """

@@ -87,3 +87,20 @@ def test_gradient_maximum_likelihood_reaches_em():
     em = GaussianMixture(2, random_state=0).fit(x.numpy()[:, None])
     em_avg_ll = float(em.score(x.numpy()[:, None]))
     assert abs(-float(m.nll(x).detach()) - em_avg_ll) < 1e-3
+
+
+def test_mixture_from_parameters_matches_torch_reference():
+    import numpy as np
+
+    weights, mu, sigma = [2.0, 6.0], np.array([-1.0, 3.0]), torch.tensor([0.5, 2.0])
+    m = D.GaussianMixture1d.from_parameters(weights, mu, sigma)
+    ref = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=torch.tensor([0.25, 0.75])),
+        torch.distributions.Normal(torch.tensor([-1.0, 3.0]), sigma))
+    x = torch.linspace(-5, 8, 27)
+    with torch.no_grad():
+        torch.testing.assert_close(m.log_prob(x), ref.log_prob(x))
+    with pytest.raises(ValueError, match="same length"):
+        D.GaussianMixture1d.from_parameters([1.0], [0.0, 1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        D.GaussianMixture1d.from_parameters([1.0, 1.0], [0.0, 1.0], [1.0, 0.0])
