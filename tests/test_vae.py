@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Independent, MultivariateNormal, Normal, kl_divergence
+
+from genart_utils import data, distributions, training, vae
+
+TINY = vae.VAEConfig(latent_dim=4, width=4, hidden=16, lr=3e-3, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _binary_digits(n: int) -> torch.Tensor:
+    return vae.binarize(data.load_mnist5k("test").images[:n])
+
+
+def test_gaussian_kl_matches_torch_and_the_univariate_formula_and_vanishes_at_the_prior():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    logvar = 2 * torch.randn(64, 8, generator=g, dtype=torch.float64)
+    kl = vae.gaussian_kl(mu, logvar)
+    assert kl.shape == (64,)
+    q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    p = Independent(Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
+    torch.testing.assert_close(kl, kl_divergence(q, p), rtol=1e-12, atol=1e-12)
+    # The sum of the foundations chapter's univariate KLs, one per dimension.
+    per_dim = distributions.gaussian_kl(mu, (0.5 * logvar).exp(), 0.0, 1.0)
+    torch.testing.assert_close(kl, per_dim.sum(-1), rtol=1e-12, atol=1e-12)
+    assert torch.equal(vae.gaussian_kl(torch.zeros(3, 5), torch.zeros(3, 5)), torch.zeros(3))
+    assert (kl > 0).all()
+    with pytest.raises(ValueError, match="same shape"):
+        vae.gaussian_kl(mu, logvar[:, :3])
+
+
+def test_elbo_is_below_the_exact_linear_gaussian_likelihood_and_tight_at_the_posterior():
+    g = torch.Generator().manual_seed(1)
+    d, D, B = 5, 2, 16
+    W = torch.randn(d, D, generator=g, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    sigma = torch.tensor(0.7, dtype=torch.float64)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64) * 2
+    log_px = vae.linear_gaussian_log_likelihood(x, W, b, sigma)
+
+    post_mean, post_cov = vae.linear_gaussian_posterior(x, W, b, sigma)
+    tight = vae.linear_gaussian_elbo(x, W, b, sigma, post_mean, post_cov).elbo
+    torch.testing.assert_close(tight, log_px, rtol=0, atol=1e-10)
+
+    # Any other Gaussian q: ELBO < log p(x), and the gap is exactly KL(q || p(z|x)).
+    for _ in range(5):
+        A = torch.randn(D, D, generator=g, dtype=torch.float64)
+        q_cov = A @ A.T + 0.1 * torch.eye(D, dtype=torch.float64)
+        q_mean = post_mean + torch.randn(B, D, generator=g, dtype=torch.float64)
+        bound = vae.linear_gaussian_elbo(x, W, b, sigma, q_mean, q_cov).elbo
+        assert (bound < log_px).all()
+        gap = kl_divergence(MultivariateNormal(q_mean, q_cov), MultivariateNormal(post_mean, post_cov))
+        torch.testing.assert_close(log_px - bound, gap, rtol=1e-9, atol=1e-9)
+
+    # The linear VAE's one-sample estimate averages to its exact ELBO.
+    model = vae.LinearVAE(vae.LinearVAEConfig(data_dim=d, latent_dim=D, init_scale=0.5)).double()
+    exact = model.elbo(x).elbo
+    estimates = torch.stack([model.elbo_estimate(x, generator=g).elbo for _ in range(4000)])
+    se = estimates.std(0) / math.sqrt(len(estimates))
+    assert ((estimates.mean(0) - exact).abs() < 5 * se + 1e-9).all()
+    assert (exact <= model.log_likelihood(x)).all()
+
+
+def test_iwae_with_one_sample_is_the_elbo_estimate_and_grows_with_k():
+    model = vae.build_vae(TINY)
+    x = _binary_digits(8)
+    # k = 1: the same noise gives exactly the single-sample ELBO, computed independently here.
+    bound = vae.iwae_bound(model, x, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        eps = torch.randn(1, *mu.shape, generator=torch.Generator().manual_seed(5))[0]
+        z = mu + (0.5 * logvar).exp() * eps
+        q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+        prior = Independent(Normal(torch.zeros_like(mu), 1.0), 1)
+        rec = Independent(Bernoulli(logits=model.decode(z)), 3).log_prob(x)
+        single = rec - (q.log_prob(z) - prior.log_prob(z))
+    torch.testing.assert_close(bound, single, rtol=1e-5, atol=1e-3)
+
+    # In expectation: L_1 equals the ELBO (analytic KL) and L_k does not decrease with k.
+    g = torch.Generator().manual_seed(6)
+    reps = 30
+    means = {k: torch.stack([vae.iwae_bound(model, x, k, generator=g) for _ in range(reps)]).mean(0)
+             for k in (1, 4, 16, 64)}
+    terms = torch.stack([vae.elbo_terms_of(model, x, generator=g).elbo for _ in range(reps)])
+    se = terms.std(0) / math.sqrt(reps)
+    assert ((means[1] - terms.mean(0)).abs() < 5 * se + 0.5).all()
+    avg = [float(means[k].mean()) for k in (1, 4, 16, 64)]
+    assert avg[0] < avg[1] < avg[2] < avg[3], avg
+    # Chunking over k does not change the result.
+    a = vae.iwae_bound(model, x, 50, generator=torch.Generator().manual_seed(7))
+    b = vae.iwae_bound(model, x, 50, generator=torch.Generator().manual_seed(7), max_decodes=24)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        vae.iwae_bound(model, x, 0)
+
+
+def test_reparameterised_gradient_matches_the_analytic_gradient():
+    # E[exp(z)] for z ~ N(mu, e^logvar) is exp(mu + e^logvar / 2): differentiate both ways.
+    mu = torch.tensor([0.3, -0.5], dtype=torch.float64, requires_grad=True)
+    logvar = torch.tensor([-1.0, 0.4], dtype=torch.float64, requires_grad=True)
+    z = vae.reparameterize(mu, logvar, n_samples=200_000, generator=torch.Generator().manual_seed(0))
+    torch.exp(z).mean(0).sum().backward()
+    with torch.no_grad():
+        m = torch.exp(mu + logvar.exp() / 2)
+        analytic_mu, analytic_logvar = m, m * logvar.exp() / 2
+    torch.testing.assert_close(mu.grad, analytic_mu, rtol=0.02, atol=0)
+    torch.testing.assert_close(logvar.grad, analytic_logvar, rtol=0.03, atol=0)
+
+
+def test_tiny_vae_lowers_its_negative_elbo_on_a_batch():
+    model = vae.build_vae(TINY)
+    x = data.load_mnist5k("train").images[:32]
+    xb = vae.binarize(x)
+
+    def neg_elbo() -> float:
+        return -float(vae.elbo_terms_of(model, xb, generator=torch.Generator().manual_seed(0)).elbo.mean())
+
+    before = neg_elbo()
+    opt = torch.optim.Adam(model.parameters(), lr=TINY.lr)
+    step = vae.make_train_step(model, opt, generator=torch.Generator().manual_seed(0))
+    history = training.train(step, training.minibatches(x, batch_size=32), 80, progress=False)
+    after = neg_elbo()
+    assert after < before - 200, (before, after)   # from about 500 nats to about 230
+    assert history.last("neg_elbo") < history.series("neg_elbo")[1][0] - 200
+
+
+def test_determinism_under_a_seed():
+    x = data.load_mnist5k("train").images[:64]
+
+    def run(seed: int):
+        model = vae.build_vae(TINY)
+        opt = torch.optim.Adam(model.parameters(), lr=TINY.lr)
+        step = vae.make_train_step(model, opt, generator=torch.Generator().manual_seed(seed))
+        history = training.train(step, training.minibatches(x, batch_size=16, seed=seed), 5, progress=False)
+        samples = vae.sample(model, 4, generator=torch.Generator().manual_seed(seed), binary=True)
+        return model, history.series("neg_elbo")[1], samples
+
+    m1, h1, s1 = run(0)
+    m2, h2, s2 = run(0)
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert (h1 == h2).all() and torch.equal(s1, s2)
+    _, h3, s3 = run(1)
+    assert not (h1 == h3).all() and not torch.equal(s1, s3)
+    # build_vae does not depend on (or disturb) the global random state.
+    torch.manual_seed(123)
+    a = torch.rand(1)
+    torch.manual_seed(123)
+    vae.build_vae(TINY)
+    assert torch.equal(torch.rand(1), a)
