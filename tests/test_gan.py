@@ -98,3 +98,114 @@ def test_tiny_gan_covers_more_modes_after_training():
     after = coverage()
     assert after["modes_covered"] >= before["modes_covered"] + 3
     assert after["high_quality"] > before["high_quality"]
+
+
+# ----------------------------------------------------------------- theory helpers
+
+def _gauss_log_pdf(x, mu, sigma):
+    return -0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+
+
+def test_optimal_discriminator_is_the_density_ratio_and_stable():
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    lp, lq = _gauss_log_pdf(x, 0.0, 1.0), _gauss_log_pdf(x, 1.0, 2.0)
+    torch.testing.assert_close(gan.optimal_discriminator(lp, lq), lp.exp() / (lp.exp() + lq.exp()))
+    assert torch.all(gan.optimal_discriminator(lp, lp) == 0.5)
+    # Far in the tails both densities underflow to 0 but the ratio is still well defined.
+    far = gan.optimal_discriminator(torch.tensor([-2000.0]), torch.tensor([-2001.0]))
+    assert math.isclose(float(far), 1 / (1 + math.exp(-1)), rel_tol=1e-6)
+
+
+def test_virtual_criterion_is_minus_log4_plus_twice_jsd():
+    from genart_utils import distributions
+
+    x = torch.linspace(-20, 20, 200_001, dtype=torch.float64)
+    dx = float(x[1] - x[0])
+    lp = _gauss_log_pdf(x, 0.0, 1.0)
+    for mu, sigma in [(0.0, 1.0), (1.0, 1.0), (-2.0, 0.5), (0.5, 3.0)]:
+        lq = _gauss_log_pdf(x, mu, sigma)
+        c = float(gan.value_by_quadrature(lp, lq, lp - lq, dx))
+        js = distributions.density_divergences(lp, lq, dx)["js"]
+        assert math.isclose(c, -math.log(4) + 2 * js, abs_tol=1e-9)
+        # D* is the best discriminator: moving its logit anywhere lowers V.
+        for bump in (0.3 * torch.ones_like(x), 0.5 * torch.sin(x), -0.2 * x):
+            assert float(gan.value_by_quadrature(lp, lq, lp - lq + bump, dx)) < c
+    with pytest.raises(ValueError, match="dx"):
+        gan.value_by_quadrature(lp, lp, lp, 0.0)
+
+
+def test_dirac_gan_simultaneous_steps_spiral_out_by_the_closed_form():
+    h = 0.2
+    path = gan.dirac_gan_trajectory(1.0, 0.5, lr=h, steps=200, mode="simultaneous")
+    assert path.shape == (201, 2) and path.dtype == torch.float64
+    r2 = (path**2).sum(1)
+    s = torch.sigmoid(path[:-1, 0] * path[:-1, 1])
+    torch.testing.assert_close(r2[1:] / r2[:-1], 1 + h**2 * s**2)   # |v'|^2 = |v|^2 (1 + h^2 s^2)
+    assert r2[-1] > 2 * r2[0]
+
+
+def test_dirac_gan_alternating_steps_stay_bounded_and_orbit():
+    path = gan.dirac_gan_trajectory(1.0, 0.0, lr=0.2, steps=2000, mode="alternating")
+    r = path.norm(dim=1)
+    assert r.max() < 1.2 and r.min() > 0.8             # neither converges nor escapes
+    assert (path[:, 0] < -0.5).any() and (path[:, 1] > 0.5).any()  # it goes round the origin
+    ns = gan.dirac_gan_trajectory(1.0, 0.0, lr=0.2, steps=3, mode="alternating", loss="non_saturating")
+    torch.testing.assert_close(ns[1], torch.tensor([1.0 + 0.2 * -0.1 * torch.sigmoid(torch.tensor(0.1)).item(), -0.1],
+                                                   dtype=torch.float64))  # by hand: D first, then G
+    with pytest.raises(ValueError, match="unknown mode"):
+        gan.dirac_gan_trajectory(1.0, 0.0, lr=0.1, steps=3, mode="extragradient")
+    with pytest.raises(ValueError, match="lr > 0"):
+        gan.dirac_gan_trajectory(1.0, 0.0, lr=0.0, steps=3)
+
+
+# ------------------------------------------------------------------- latent space
+
+def test_latent_walk_moves_by_alpha_along_the_unit_direction():
+    z, d = torch.randn(16), torch.randn(16)
+    alphas = torch.tensor([-2.0, 0.0, 1.5])
+    walk = gan.latent_walk(z, 3 * d, alphas)
+    assert walk.shape == (3, 16)
+    torch.testing.assert_close(walk[1], z)
+    torch.testing.assert_close((walk - z).norm(dim=1), alphas.abs())
+    torch.testing.assert_close(walk[2] - walk[0], 3.5 * d / d.norm())
+    with pytest.raises(ValueError, match="zero vector"):
+        gan.latent_walk(z, torch.zeros(16), alphas)
+    with pytest.raises(ValueError, match="same size"):
+        gan.latent_walk(z, torch.ones(8), alphas)
+
+
+def test_principal_latent_directions_move_the_first_features_most():
+    torch.manual_seed(0)
+    G, _ = gan.build_dcgan(gan.DCGANConfig(latent_dim=12, g_width=4, d_width=4))
+    with torch.no_grad():  # give batch norm non-trivial running statistics
+        G.net[1].running_var.uniform_(0.5, 2.0)
+    G.eval()
+    dirs = gan.principal_latent_directions(G, k=3)
+    assert dirs.shape == (3, 12)
+    torch.testing.assert_close(dirs @ dirs.T, torch.eye(3), atol=1e-5, rtol=0)
+    first_block = G.net[:2]
+    z = torch.randn(1, 12, 1, 1)
+
+    def moved(d):  # how far the first (batch-normed) features move for a unit step along d
+        with torch.no_grad():
+            return float((first_block(z + d.reshape(1, -1, 1, 1)) - first_block(z)).norm())
+
+    gains = [moved(d) for d in dirs]
+    assert gains[0] >= gains[1] >= gains[2]
+    random_dirs = torch.nn.functional.normalize(torch.randn(200, 12, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert gains[0] >= max(moved(d) for d in random_dirs) - 1e-5
+    assert torch.all(dirs.gather(1, dirs.abs().argmax(1, keepdim=True)) > 0)  # sign convention
+    with pytest.raises(ValueError, match="k must be"):
+        gan.principal_latent_directions(G, k=13)
+
+
+@pytest.mark.parametrize("latent_dim, width", [(100, 32), (100, 64), (100, 16)])
+def test_dcgan_shapes_for_the_notebook_sizes(latent_dim, width):
+    G, D = gan.build_dcgan(gan.DCGANConfig(latent_dim=latent_dim, g_width=width, d_width=width))
+    shapes, x = [], torch.randn(3, latent_dim)[:, :, None, None]
+    for layer in G.net:
+        x = layer(x)
+        if isinstance(layer, torch.nn.ConvTranspose2d):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(2 * width, 7, 7), (width, 14, 14), (1, 28, 28)]
+    assert D(x).shape == (3,)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from genart_utils import metrics
@@ -60,3 +61,35 @@ def test_feature_classifier_is_cached_per_config(tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].name.startswith("mnist5k-")
     second = metrics.feature_classifier("mnist5k", cfg)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_mean_images_and_blurred_noise_baselines():
+    g = torch.Generator().manual_seed(0)
+    reference = (0.5 + 0.1 * torch.randn(300, 1, 12, 12, generator=g)).clamp(0, 1)
+    mean = metrics.mean_images(reference, 4)
+    assert mean.shape == (4, 1, 12, 12) and torch.equal(mean[0], mean[3])
+    torch.testing.assert_close(mean[0], reference.mean(0))
+
+    noise = metrics.blurred_noise(reference, 4000, blur_sigma=1.5, generator=torch.Generator().manual_seed(1))
+    assert noise.shape == (4000, 1, 12, 12) and noise.min() >= 0 and noise.max() <= 1
+    # Far from the clipping bounds: each pixel has the reference's mean and std ...
+    assert (noise.mean(0) - reference.mean(0)).abs().max() < 0.02
+    assert ((noise.std(0) / reference.std(0)) - 1).abs().max() < 0.1
+    # ... and neighbouring pixels are strongly correlated, unlike white noise.
+    a, b = noise[:, 0, 6, 5], noise[:, 0, 6, 6]
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.6
+    again = metrics.blurred_noise(reference, 4000, blur_sigma=1.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(noise, again)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        metrics.blurred_noise(reference, 3, blur_sigma=0.0)
+
+
+def test_frechet_distances_of_several_sets():
+    from genart_utils import data
+
+    torch.manual_seed(0)
+    model = metrics.DigitClassifier(metrics.ClassifierConfig(width=4, feature_dim=8))
+    test = data.load_mnist5k("test").images
+    out = metrics.frechet_distances(model, test, {"same": test, "mean": metrics.mean_images(test, 50)})
+    assert set(out) == {"same", "mean"}
+    assert abs(out["same"]) < 1e-6 and out["mean"] > 1e-3
