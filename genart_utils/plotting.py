@@ -111,3 +111,69 @@ def plot_history(history: History, keys: Sequence[str] | None = None, smooth: in
     if title:
         fig.suptitle(title)
     return fig
+
+
+def text_panel(ax, text: str, title: str | None = None, fontsize: float = 8.0) -> None:
+    """Write ``text`` in a monospace font on ``ax`` (its frame hidden), for generated text."""
+    ax.set_axis_off()
+    ax.text(0.0, 1.0, text, family="monospace", fontsize=fontsize, va="top", ha="left",
+            transform=ax.transAxes)
+    if title:
+        ax.set_title(title, fontsize=fontsize + 1, loc="left")
+
+
+_NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+
+
+def piano_roll(roll: np.ndarray, lowest: int, steps_per_quarter: int = 4, ax=None,
+               title: str | None = None, bar_times: Sequence[float] | None = None) -> Figure:
+    """Draw a piano roll: ``roll`` is ``(n_pitches, n_steps)`` with row 0 the MIDI pitch
+    ``lowest`` (as made by :func:`genart_utils.music.piano_roll`). Time is in quarter
+    notes; ``bar_times`` (in quarter notes) are drawn as faint bar lines."""
+    if ax is None:
+        fig, ax = new_figure(size=(min(12.0, 2.0 + roll.shape[1] / 12), 2.8))
+    else:
+        fig = ax.figure
+    n_pitches, n_steps = roll.shape
+    ax.imshow(roll, origin="lower", aspect="auto", cmap="Blues", vmin=0, vmax=1.2,
+              interpolation="nearest",
+              extent=(0, n_steps / steps_per_quarter, lowest - 0.5, lowest + n_pitches - 0.5))
+    # Every natural note for a narrow range, else only the Cs and Gs.
+    labelled = (0, 2, 4, 5, 7, 9, 11) if n_pitches <= 24 else (0, 7)
+    ticks = [p for p in range(lowest, lowest + n_pitches) if p % 12 in labelled] or [lowest]
+    ax.set_yticks(ticks, [f"{_NOTE_NAMES[p % 12]}{p // 12 - 1}" for p in ticks])
+    for x in bar_times if bar_times is not None else ():
+        ax.axvline(x, color="0.4", lw=0.6, alpha=0.5)
+    ax.set_xlabel("time (quarter notes)")
+    ax.set_ylabel("pitch")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def attention_map(weights: torch.Tensor, labels: Sequence[str], titles: Sequence[str] | None = None,
+                  ncols: int = 4, cell: float = 3.0) -> Figure:
+    """Heat maps of attention weights ``(H, T, T)`` (one panel per head; row = query
+    position, column = key position), with the tokens as tick labels."""
+    w = weights.detach().float().cpu()
+    if w.ndim == 2:
+        w = w[None]
+    heads, T, _ = w.shape
+    ncols = min(ncols, heads)
+    nrows = math.ceil(heads / ncols)
+    fig, axes = new_figure(ncols, nrows, size=(cell, cell))
+    axes = np.atleast_1d(axes).ravel()
+    shown = [("\\n" if c == "\n" else ("\u2423" if c == " " else c)) for c in labels]
+    for h, ax in enumerate(axes):
+        if h >= heads:
+            ax.set_axis_off()
+            continue
+        ax.imshow(w[h].numpy(), cmap="magma", vmin=0, vmax=float(w[h].max()), interpolation="nearest")
+        ax.set_xticks(range(T), shown, fontsize=5, family="monospace")
+        ax.set_yticks(range(T), shown, fontsize=5, family="monospace")
+        ax.tick_params(length=0, pad=1)
+        if titles is not None:
+            ax.set_title(titles[h], fontsize=9)
+        ax.set_xlabel("key (attended to)", fontsize=7)
+        ax.set_ylabel("query", fontsize=7)
+    return fig

@@ -1,0 +1,580 @@
+r"""A small GPT: a decoder-only transformer that models text one token at a time.
+
+The model, from the bottom up (``B`` sequences of ``T`` tokens, width ``C``, ``H`` heads
+of size ``D = C / H``, vocabulary ``V``):
+
+1. token embedding plus a learned position embedding: ``(B, T) -> (B, T, C)``;
+2. ``n_layer`` pre-norm residual blocks, each ``x = x + attn(ln_1(x))`` then
+   ``x = x + mlp(ln_2(x))``, where ``attn`` is causal multi-head self-attention
+   (:func:`causal_attention`) and ``mlp`` a two-layer perceptron with a GELU;
+3. a final layer norm and a linear read-out to ``(B, T, V)`` logits whose weight matrix is
+   the token embedding matrix (weight tying).
+
+The causal mask makes the logits at position ``t`` depend on tokens ``0..t`` only, so one
+forward pass over a sequence gives the next-token distribution at every position: that is
+what makes training with teacher forcing (:func:`lm_loss`) one pass per batch.
+
+Mixed precision goes through :func:`genart_utils.runtime.autocast` (a no-op on CPU), and
+:func:`maybe_compile` uses ``torch.compile`` only on CUDA, so one code path serves every
+device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import runtime, sampling
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (from autocast) to float32; float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a :class:`GPT`. Change one field with ``dataclasses.replace``."""
+
+    vocab_size: int = 96        # V: number of distinct tokens (characters)
+    block_size: int = 256       # T_max: the longest context, in tokens (size of the position table)
+    n_layer: int = 4            # number of transformer blocks
+    n_head: int = 4             # H: attention heads per block
+    n_embd: int = 128           # C: width of the residual stream (a multiple of n_head)
+    dropout: float = 0.0        # dropout on attention weights and residual branches (0: none)
+    bias: bool = True           # biases in the Linear and LayerNorm layers
+    tie_weights: bool = True    # the read-out reuses the token embedding matrix
+    attention: str = "manual"   # "manual": written out (can return weights); "sdpa": fused kernel
+    seed: int = 0               # seed of the weight initialisation
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("manual", "sdpa"):
+            raise ValueError(f"attention must be 'manual' or 'sdpa', got {self.attention!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a :class:`GPT` is trained (see :func:`lr_at` for the schedule)."""
+
+    steps: int = 2_000           # optimisation steps
+    batch_size: int = 32         # sequences per step, each block_size tokens long
+    lr: float = 2e-3             # peak learning rate, reached at the end of the warm-up
+    min_lr: float = 2e-4         # learning rate at the end of the cosine decay
+    warmup_steps: int = 100      # linear warm-up from lr / warmup_steps to lr
+    weight_decay: float = 0.1    # AdamW decay, applied to weight matrices only
+    beta1: float = 0.9           # AdamW first-moment decay
+    beta2: float = 0.99          # AdamW second-moment decay (0.99: tolerant of small batches)
+    grad_clip: float = 1.0       # clip the global gradient norm to this (0: no clipping)
+    seed: int = 0                # seed of the batch sampler
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0:
+            raise ValueError("steps and batch_size must be >= 1 and warmup_steps >= 0")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+
+
+# ------------------------------------------------------------------------ attention
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Causal scaled dot-product attention, written out.
+
+    .. math:: \mathrm{Attn}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{D}} + M\right) V,
+              \qquad M_{ij} = \begin{cases} 0 & j \le i + (T_k - T_q) \\ -\infty & \text{otherwise} \end{cases}
+
+    Query ``i`` sees keys up to its own position. The mask is aligned to the bottom-right,
+    so with ``T_q < T_k`` (new queries after cached keys) query ``i`` is position
+    ``T_k - T_q + i``; with ``T_q = T_k`` it is the usual lower-triangular mask.
+
+    Args:
+        q: ``(B, H, T_q, D)``; k, v: ``(B, H, T_k, D)`` with ``T_k >= T_q``.
+
+    Returns:
+        The output ``(B, H, T_q, D)`` and the attention weights ``(B, H, T_q, T_k)``
+        (before dropout; each row sums to 1).
+    """
+    T_q, T_k, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)                    # (B, H, T_q, T_k)
+    mask = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T_q)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)                              # (B, H, T_q, T_k)
+    dropped = F.dropout(weights, dropout_p, training) if dropout_p > 0 else weights
+    return dropped @ v, weights                                          # (B, H, T_q, D)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for fast generation."""
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: ``(B, T, C) -> (B, T, C)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.use_sdpa = config.attention == "sdpa"
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.shape
+        H = self.n_head
+        q, k, v = self.qkv(x).split(C, dim=2)                          # each (B, T, C)
+        q = q.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, D)
+        k = k.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, D)
+        v = v.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, D)
+        if cache is not None:
+            if cache.keys[layer] is not None:
+                if T != 1:
+                    raise ValueError("with a non-empty cache, feed one token at a time")
+                k = torch.cat([cache.keys[layer], k], dim=2)            # (B, H, T_k, D)
+                v = torch.cat([cache.values[layer], v], dim=2)
+            cache.keys[layer], cache.values[layer] = k, v
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa and not need_weights:
+            # A single new query after cached keys may look at all of them: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                               is_causal=q.shape[2] == k.shape[2])
+            weights = None
+        else:
+            y, weights = causal_attention(q, k, v, dropout_p, self.training)
+        y = y.transpose(1, 2).reshape(B, T, C)                          # (B, T, C)
+        return self.resid_drop(self.proj(y)), weights
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: ``(B, T, C) -> (B, T, 4C) -> (B, T, C)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """A pre-norm residual block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, weights = self.attn(self.ln_1(x), cache, layer, need_weights)
+        x = x + a                                                       # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))                                  # (B, T, C)
+        return x, weights
+
+
+class GPT(nn.Module):
+    """The model: token ids ``(B, T)`` -> next-token logits ``(B, T, V)``.
+
+    Weights are initialised from ``config.seed`` (not the global RNG): normal with
+    standard deviation 0.02, biases zero, and the two projections that write into the
+    residual stream in each block scaled down by ``1 / sqrt(2 n_layer)``, so that the
+    stream's variance does not grow with depth at initialisation (as in GPT-2).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight                  # one (V, C) matrix
+        self._init_weights(torch.Generator().manual_seed(config.seed))
+
+    @torch.no_grad()
+    def _init_weights(self, generator: torch.Generator) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln_" in name or name.startswith("ln_f"):
+                p.fill_(1.0)
+            elif name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=generator) * residual_std)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+    def _forward(self, idx: torch.Tensor, cache: KVCache | None, need_weights: bool
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}; crop the context")
+        pos = torch.arange(start, start + T, device=idx.device)        # (T,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))           # (B, T, C)
+        maps = []
+        for layer, block in enumerate(self.blocks):
+            x, weights = block(x, cache, layer, need_weights)          # (B, T, C)
+            if need_weights:
+                maps.append(weights)
+        return self.lm_head(self.ln_f(x)), maps                         # (B, T, V)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for token ids ``(B, T)``; with a ``cache``, ``idx`` are the
+        tokens after those already cached (one at a time once the cache is filled)."""
+        return self._forward(idx, cache, need_weights=False)[0]
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The attention weights of every layer, each ``(B, H, T, T)``, for ``idx`` ``(B, T)``."""
+        return self._forward(idx, None, need_weights=True)[1]
+
+
+def num_parameters(model: nn.Module) -> int:
+    """The number of distinct trainable numbers (a tied matrix counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ loss
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""Teacher-forced next-token cross-entropy, in nats per token:
+
+    .. math:: \mathcal{L} = -\frac{1}{B T} \sum_{b=1}^{B} \sum_{t=1}^{T}
+              \log \mathrm{softmax}(z_{b,t})_{y_{b,t}}
+
+    where ``z_{b,t}`` are the logits at position ``t`` (computed from the true tokens up
+    to ``t``) and ``y_{b,t}`` the true next token. Computed in float32 even under autocast.
+
+    Args:
+        logits: ``(B, T, V)``; targets: ``(B, T)`` int64.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    return F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])), targets.reshape(-1))
+
+
+# ------------------------------------------------------------------------ training
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    r"""The learning rate at optimisation step ``step`` (0-based): a linear warm-up to
+    ``lr`` over ``warmup_steps``, then a cosine decay to ``min_lr`` at ``steps``:
+
+    .. math:: \eta_s = \eta_{\min} + \tfrac12 (\eta - \eta_{\min})
+              \left(1 + \cos \frac{\pi (s - s_w)}{S - s_w}\right), \quad s_w \le s \le S.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def configure_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices (linear weights, embeddings) only; biases
+    and layer-norm gains are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler that sets the learning rate of :func:`lr_at` before every step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                    device: torch.device, grad_clip: float = 1.0, amp: bool = True):
+    """A step function for :func:`genart_utils.training.train`.
+
+    It takes a batch ``(x, y)`` of ``(B, T)`` token ids, does one optimisation step on
+    :func:`lm_loss` (under :func:`runtime.autocast` when ``amp``, with a gradient scaler
+    for fp16) and returns ``{"loss": nats per token, "lr": learning rate used}``.
+    """
+    scaler = runtime.grad_scaler(device, enabled=amp)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        with runtime.autocast(device, enabled=amp):
+            logits = model(x)                                          # (B, T, V)
+        loss = lm_loss(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        return {"loss": loss.item(), "lr": lr}
+
+    return step
+
+
+def maybe_compile(model: nn.Module, device: torch.device, enabled: bool = True) -> nn.Module:
+    """``torch.compile(model)`` on CUDA (where it pays off), the model itself elsewhere.
+
+    The compiled module shares its parameters with ``model``; keep using ``model`` for
+    generation, checkpoints and attention maps.
+    """
+    if enabled and device.type == "cuda" and hasattr(torch, "compile"):
+        return torch.compile(model)
+    return model
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def token_log_probs(model: GPT, ids: torch.Tensor, stride: int | None = None,
+                    batch_size: int = 32, amp: bool = True) -> torch.Tensor:
+    """``log p(x_i | x_<i)`` in nats for positions ``i = 1 .. N-1`` of a stream ``(N,)``.
+
+    Streams longer than the context are read in windows of ``block_size`` tokens that
+    start every ``stride`` tokens (default ``block_size // 2``); each position is scored
+    once, in the first window where it has at least ``block_size - stride`` tokens of
+    context (fewer only at the very start). Returns float64 ``(N - 1,)``.
+    """
+    T = model.config.block_size
+    stride = stride or max(1, T // 2)
+    if not 1 <= stride <= T:
+        raise ValueError(f"stride must be in 1..block_size ({T}), got {stride}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids = ids.to(torch.long)
+    N = len(ids)
+    if N < 2:
+        raise ValueError("need at least 2 tokens to score")
+    out = torch.empty(N - 1, dtype=torch.float64)
+    # Window starts: 0, stride, 2 stride, ... until a window reaches the last token.
+    starts = [0]
+    while starts[-1] + T < N - 1:
+        starts.append(starts[-1] + stride)
+    jobs = []                       # (start, length, first position to keep)
+    done = 0                        # positions 1..done are scored
+    for s in starts:
+        length = min(T, N - 1 - s)
+        jobs.append((s, length, done + 1))
+        done = s + length
+    for same_length in (True, False):
+        group = [j for j in jobs if (j[1] == T) == same_length]
+        for a in range(0, len(group), batch_size):
+            chunk = group[a:a + batch_size]
+            L = chunk[0][1]
+            x = torch.stack([ids[s:s + L] for s, _, _ in chunk]).to(device)       # (b, L)
+            y = torch.stack([ids[s + 1:s + L + 1] for s, _, _ in chunk]).to(device)
+            with runtime.autocast(device, enabled=amp):
+                logits = model(x)                                                  # (b, L, V)
+            logp = torch.log_softmax(_at_least_fp32(logits), -1).gather(-1, y[..., None])[..., 0]
+            logp = logp.double().cpu()
+            for row, (s, _, keep) in zip(logp, chunk):
+                # position i = s + 1 + j; keep those with i >= keep
+                j0 = keep - (s + 1)
+                out[keep - 1:s + L] = row[j0:]
+    model.train(was_training)
+    return out
+
+
+def evaluate_nll(model: GPT, ids: torch.Tensor, **kwargs) -> float:
+    """Average negative log-likelihood in nats per token over positions ``1 .. N-1``."""
+    return float(-token_log_probs(model, ids, **kwargs).mean())
+
+
+# ------------------------------------------------------------------------ generation
+
+@torch.no_grad()
+def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, stop: Sequence[int] | None = None,
+             amp: bool = True) -> torch.Tensor:
+    """Continue ``prompt`` ``(B, T0)`` (or ``(T0,)``) by up to ``max_new_tokens`` tokens.
+
+    Each new token comes from :func:`genart_utils.sampling.sample` (``temperature = 0`` is
+    greedy decoding). Keys and values are cached, so each step costs one token's forward
+    pass; when the context fills ``block_size``, generation continues from the last
+    ``block_size // 2`` tokens. With ``stop`` (a token sequence), generation ends early once
+    every row has produced it after the prompt.
+
+    Returns:
+        ``(B, T0 + n_new)`` token ids (or ``(T0 + n_new,)`` for a 1-D prompt), where
+        ``n_new <= max_new_tokens``; rows that stopped early keep going until all have
+        stopped, so cut each row at its stop sequence.
+    """
+    sampling.check_temperature(temperature)
+    if top_k is not None:
+        sampling.check_top_k(top_k)
+    if top_p is not None:
+        sampling.check_top_p(top_p)
+    squeeze = prompt.ndim == 1
+    idx = prompt[None] if squeeze else prompt
+    if idx.shape[1] < 1:
+        raise ValueError("the prompt needs at least one token")
+    device = next(model.parameters()).device
+    idx = idx.to(device)
+    T = model.config.block_size
+    was_training = model.training
+    model.eval()
+    stop_t = torch.tensor(list(stop), device=device) if stop else None
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
+
+    def prime(context: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        cache = KVCache(model.config.n_layer)
+        with runtime.autocast(device, enabled=amp):
+            logits = model(context[:, -T:], cache)
+        return cache, _at_least_fp32(logits[:, -1])
+
+    cache, logits = prime(idx)
+    T0 = idx.shape[1]
+    for _ in range(max_new_tokens):
+        nxt = sampling.sample(logits, temperature, top_k, top_p, generator)   # (B,)
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        if stop_t is not None and idx.shape[1] - T0 >= len(stop_t):
+            finished |= (idx[:, -len(stop_t):] == stop_t).all(dim=1)
+            if bool(finished.all()):
+                break
+        if cache.length + 1 > T:
+            cache, logits = prime(idx[:, -(T // 2):])
+        else:
+            with runtime.autocast(device, enabled=amp):
+                logits = _at_least_fp32(model(nxt[:, None], cache)[:, -1])
+    model.train(was_training)
+    return idx[0] if squeeze else idx
+
+
+def next_log_probs_fn(model: GPT, amp: bool = True):
+    """``seqs (N, t) -> (N, V)`` next-token log-probabilities of ``model`` (the last
+    ``block_size`` tokens are used): the interface of :func:`sampling.beam_search`."""
+    device = next(model.parameters()).device
+    T = model.config.block_size
+
+    @torch.no_grad()
+    def fn(seqs: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        with runtime.autocast(device, enabled=amp):
+            logits = model(seqs[:, -T:].to(device))[:, -1]
+        return torch.log_softmax(_at_least_fp32(logits), dim=-1)
+
+    return fn
+
+
+def cached_next_log_probs_fn(model: GPT, amp: bool = True):
+    """:func:`next_log_probs_fn` with a key/value cache, for :func:`sampling.beam_search`.
+
+    When every sequence of a call extends a sequence of the previous call by one token
+    (as the beams of a beam search do), the cached keys and values are reordered to follow
+    each sequence's parent and only the new token is run through the model; otherwise the
+    cache is rebuilt from the sequences. As in :func:`generate`, once the context is full
+    the cache restarts from the last ``block_size // 2`` tokens.
+    """
+    device = next(model.parameters()).device
+    T = model.config.block_size
+    state: dict = {"seqs": None, "cache": None}
+
+    @torch.no_grad()
+    def fn(seqs: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        seqs = seqs.to(device)
+        prev, cache = state["seqs"], state["cache"]
+        parents = None
+        if (prev is not None and seqs.shape[1] == prev.shape[1] + 1
+                and cache.length + 1 <= T):
+            match = (seqs[:, None, :-1] == prev[None]).all(-1)           # (N, N_prev)
+            if bool(match.any(dim=1).all()):
+                parents = match.float().argmax(dim=1)                     # (N,)
+        with runtime.autocast(device, enabled=amp):
+            if parents is None:
+                cache = KVCache(model.config.n_layer)
+                context = seqs if seqs.shape[1] <= T else seqs[:, -(T // 2):]
+                logits = model(context, cache)[:, -1]
+            else:
+                cache.keys = [k[parents] for k in cache.keys]
+                cache.values = [v[parents] for v in cache.values]
+                logits = model(seqs[:, -1:], cache)[:, -1]
+        state["seqs"], state["cache"] = seqs, cache
+        return torch.log_softmax(_at_least_fp32(logits), dim=-1)
+
+    return fn
+
+
+# ------------------------------------------------------------------------ text in, text out
+
+def generate_texts(model: GPT, vocab, prompts: Sequence[str], max_new_tokens: int, *,
+                   stop: str | None = "\n\n", temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seed: int = 0, amp: bool = True) -> list[str]:
+    """Continue each prompt with :func:`generate`; return the continuations (without the
+    prompt), each cut just after the first ``stop`` (for ABC, the blank line ending a tune).
+
+    ``vocab`` is a :class:`genart_utils.text.CharVocab`. Prompts of the same length are
+    generated together as one batch; all draws come from one ``torch.Generator`` seeded with
+    ``seed``, so the same call always returns the same texts.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    stop_ids = vocab.encode(stop).tolist() if stop else None
+    out: list[str] = [""] * len(prompts)
+    for length in sorted(by_length):
+        rows = by_length[length]
+        batch = torch.stack([vocab.encode(prompts[i]) for i in rows])              # (b, T0)
+        seqs = generate(model, batch, max_new_tokens, temperature, top_k, top_p, generator,
+                        stop=stop_ids, amp=amp)
+        for i, seq in zip(rows, seqs):
+            out[i] = _cut(vocab.decode(seq[length:]), stop)
+    return out
+
+
+def beam_search_texts(model: GPT, vocab, prompts: Sequence[str], steps: int, beam_width: int, *,
+                      stop: str | None = "\n\n", amp: bool = True) -> list[str]:
+    """The best beam of :func:`sampling.beam_search` (``steps`` tokens, cached model calls)
+    after each prompt, cut just after the first ``stop``. Deterministic: no seed."""
+    out = []
+    for prompt in prompts:
+        result = sampling.beam_search(cached_next_log_probs_fn(model, amp), vocab.encode(prompt),
+                                      steps, beam_width)
+        out.append(_cut(vocab.decode(result.sequences[0, len(prompt):]), stop))
+    return out
+
+
+def _cut(text: str, stop: str | None) -> str:
+    if stop and stop in text:
+        return text[:text.index(stop) + len(stop)]
+    return text

@@ -1,0 +1,488 @@
+"""Text for autoregressive models: corpora, a character tokeniser, n-gram baselines, metrics.
+
+* :func:`load_corpus` returns a :class:`Corpus`: documents (tunes, poems, paragraphs) split
+  into training and validation sets *by document* with a fixed seed, and the character
+  vocabulary. The default corpus is the folk tunes in ABC notation that ship with music21
+  (:mod:`genart_utils.music`); any UTF-8 text file can be used instead.
+* :class:`CharVocab` maps characters to token ids and back.
+* :class:`NGramModel` is a count-based character n-gram model with either additive
+  (Laplace/Lidstone) smoothing or interpolated Kneser-Ney smoothing: the first
+  autoregressive models, and the baselines every neural model must beat.
+* :func:`bits_per_char`, :func:`distinct_ngrams` and :func:`repetition_rate` measure
+  likelihood and diversity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+LN2 = math.log(2.0)
+
+
+# ------------------------------------------------------------------------ vocabulary
+
+@dataclass(frozen=True)
+class CharVocab:
+    """A character-level tokeniser: token ``i`` is the character ``chars[i]``."""
+
+    chars: str  # the distinct characters, sorted by code point; position = token id
+    _index: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.chars:
+            raise ValueError("a vocabulary needs at least one character")
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("the characters of a vocabulary must be distinct")
+        object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.chars)})
+
+    @classmethod
+    def from_texts(cls, *texts: str) -> "CharVocab":
+        """The vocabulary of every character that occurs in ``texts``."""
+        return cls("".join(sorted(set().union(*map(set, texts)))))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``text`` as a ``(len(text),)`` int64 tensor of token ids.
+
+        Raises:
+            ValueError: naming the characters that are not in the vocabulary.
+        """
+        try:
+            return torch.tensor([self._index[c] for c in text], dtype=torch.long)
+        except KeyError:
+            unknown = sorted(set(text) - set(self._index))
+            raise ValueError(
+                f"characters not in the vocabulary: {''.join(unknown)!r}; the model can only "
+                f"read the {self.size} characters of its training corpus") from None
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """Token ids (any shape with one axis, or a list) back to text."""
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        try:
+            return "".join(self.chars[i] for i in values)
+        except IndexError:
+            raise ValueError(f"token ids must be in 0..{self.size - 1}") from None
+
+
+# ------------------------------------------------------------------------ corpora
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents split by document into training and validation sets, and their vocabulary.
+
+    Each document ends with a newline; :meth:`text` joins a split's documents with one
+    more newline, so a blank line separates documents (for ABC, the standard separator
+    between tunes).
+    """
+
+    name: str
+    train: tuple[str, ...]
+    valid: tuple[str, ...]
+    vocab: CharVocab
+
+    def text(self, split: str) -> str:
+        """One split as a single string (documents separated by blank lines)."""
+        if split not in ("train", "valid"):
+            raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+        return "\n".join(self.train if split == "train" else self.valid)
+
+    def ids(self, split: str) -> torch.Tensor:
+        """One split as a ``(n_chars,)`` int64 tensor of token ids."""
+        return self.vocab.encode(self.text(split))
+
+    def __repr__(self) -> str:
+        return (f"Corpus({self.name!r}, train={len(self.train)} documents / "
+                f"{sum(map(len, self.train)):,} chars, valid={len(self.valid)} documents / "
+                f"{sum(map(len, self.valid)):,} chars, vocab={self.vocab.size})")
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file, with clear errors for the usual problems.
+
+    Raises:
+        FileNotFoundError: no such file.
+        IsADirectoryError: the path is a folder.
+        ValueError: the file is not UTF-8 (or is binary) or holds no text.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; pass one UTF-8 text file")
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}; pass the path of a UTF-8 text file, "
+                                "or 'folk' for the embedded folk-tune corpus")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"could not read {path}: {exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (invalid byte at position {exc.start}); convert it, "
+            f"e.g. `iconv -f GB18030 -t UTF-8 {path.name} > out.txt` for a Chinese text in "
+            "GB18030, and pass the converted file") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} contains NUL bytes: it looks like a binary file, not text")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+        raise ValueError(f"{path} is empty (or only whitespace): there is nothing to learn from")
+    return text
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents of a plain text: blocks separated by blank lines (poems, paragraphs).
+
+    If that gives fewer than 10 documents, each non-empty line is a document instead.
+    Every document is stripped of surrounding blank lines and ends with one newline.
+    """
+    blocks = [b.strip("\n") for b in text.split("\n\n")]
+    docs = [b.rstrip() + "\n" for b in blocks if b.strip()]
+    if len(docs) < 10:
+        docs = [line.rstrip() + "\n" for line in text.split("\n") if line.strip()]
+    return docs
+
+
+def split_by_document(documents: Sequence[str], valid_fraction: float, seed: int
+                      ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A seeded random split of whole documents: ``(train, valid)``, each in corpus order.
+
+    The validation set has ``max(1, round(valid_fraction * n))`` documents.
+    """
+    n = len(documents)
+    if n < 2:
+        raise ValueError(f"need at least 2 documents to split into training and validation, got {n}")
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be strictly between 0 and 1, got {valid_fraction}")
+    n_valid = min(n - 1, max(1, round(valid_fraction * n)))
+    order = np.random.default_rng(seed).permutation(n)
+    valid_idx = set(order[:n_valid].tolist())
+    train = tuple(d for i, d in enumerate(documents) if i not in valid_idx)
+    valid = tuple(d for i, d in enumerate(documents) if i in valid_idx)
+    return train, valid
+
+
+def load_corpus(source: str | Path = "folk", valid_fraction: float = 0.05, seed: int = 0,
+                max_documents: int | None = None,
+                collections: Sequence[str] = ("essen", "oneills")) -> Corpus:
+    """Load a corpus and split it into training and validation documents.
+
+    Args:
+        source: ``"folk"`` for the folk tunes in ABC notation that ship with music21 (each
+            tune is a document; see :mod:`genart_utils.music` for what is kept), or the
+            path of any UTF-8 text file (documents: :func:`split_documents`).
+        valid_fraction: fraction of the documents held out for validation.
+        seed: seed of the split; the same seed always gives the same split.
+        max_documents: keep only this many documents, a seeded random subset chosen before
+            the split (for fast smoke runs); ``None`` keeps all.
+        collections: for ``"folk"``, which music21 collections to read.
+
+    The vocabulary holds every character of the whole corpus (both splits), so validation
+    text can always be encoded; a character seen only in validation gets its probability
+    from smoothing (n-grams) or from training (a neural model learns to give it little).
+    """
+    if str(source) == "folk":
+        from .music import load_folk_tunes
+
+        documents = [t.abc for t in load_folk_tunes(collections).tunes]
+        name = "folk tunes (" + ", ".join(collections) + ")"
+    else:
+        documents = split_documents(read_text_file(source))
+        name = Path(source).name
+    if max_documents is not None:
+        if max_documents < 2:
+            raise ValueError(f"max_documents must be at least 2, got {max_documents}")
+        if max_documents < len(documents):
+            keep = np.sort(np.random.default_rng([seed, 1]).permutation(len(documents))[:max_documents])
+            documents = [documents[i] for i in keep]
+    train, valid = split_by_document(documents, valid_fraction, seed)
+    return Corpus(name, train, valid, CharVocab.from_texts(*documents))
+
+
+def random_windows(ids: torch.Tensor, block_size: int, batch_size: int, seed: int = 0,
+                   start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches of random windows of a token stream, for next-token training.
+
+    Yields ``(x, y)``, both ``(batch_size, block_size)`` int64, with ``y`` the window
+    shifted by one: ``y[b, t] = ids[o_b + t + 1]`` is the token that follows
+    ``x[b, : t + 1]``. The offsets ``o_b`` of step ``s`` are drawn from ``(seed, s)``
+    only, so ``start`` resumes a run with exactly the batches it would have seen.
+    """
+    n = len(ids)
+    if n < block_size + 2:
+        raise ValueError(f"the stream has {n} tokens, too few for windows of {block_size} + 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    arange = torch.arange(block_size + 1)
+    step = start
+    while True:
+        offsets = np.random.default_rng([seed, step]).integers(0, n - block_size, size=batch_size)
+        windows = ids[torch.from_numpy(offsets)[:, None] + arange]   # (B, T + 1)
+        yield windows[:, :-1], windows[:, 1:]
+        step += 1
+
+
+# ------------------------------------------------------------------------ n-grams
+
+@dataclass(frozen=True)
+class NGramConfig:
+    """A character n-gram model: each character is predicted from the ``order - 1`` before it."""
+
+    order: int = 3                   # n; 1 is a unigram model (no context)
+    smoothing: str = "kneser-ney"    # "kneser-ney" (interpolated) or "additive"
+    alpha: float = 1.0               # additive pseudo-count per character (1 = Laplace)
+    discount: float | None = None    # Kneser-Ney discount in (0, 1]; None: n1 / (n1 + 2 n2) per order
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.order, int) or self.order < 1:
+            raise ValueError(f"order must be an int >= 1, got {self.order!r}")
+        if self.smoothing not in ("kneser-ney", "additive"):
+            raise ValueError(f"smoothing must be 'kneser-ney' or 'additive', got {self.smoothing!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (a zero pseudo-count gives unseen text "
+                             f"probability 0), got {self.alpha}")
+        if self.discount is not None and not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {self.discount}")
+
+
+class _Table:
+    """Sorted int64 keys with values, looked up in bulk with ``searchsorted``."""
+
+    def __init__(self, keys: np.ndarray, *values: np.ndarray):
+        self.keys = keys
+        self.values = values
+
+    def lookup(self, query: np.ndarray) -> tuple[np.ndarray, ...]:
+        pos = np.searchsorted(self.keys, query)
+        pos_c = np.minimum(pos, max(len(self.keys) - 1, 0))
+        found = (pos < len(self.keys)) & (self.keys[pos_c] == query) if len(self.keys) else \
+            np.zeros(query.shape, bool)
+        return tuple(np.where(found, v[pos_c], 0) if len(v) else np.zeros(query.shape, v.dtype)
+                     for v in self.values)
+
+
+class NGramModel:
+    r"""A count-based character n-gram model.
+
+    With ``h`` the ``n - 1`` characters before ``w`` and ``c(.)`` counts in the training
+    text:
+
+    * **additive** (Lidstone; Laplace for ``alpha = 1``):
+      :math:`p(w \mid h) = \frac{c(h w) + \alpha}{c(h) + \alpha V}`, with
+      :math:`c(h) = \sum_{w'} c(h w')`. Unseen contexts get the uniform distribution.
+    * **interpolated Kneser-Ney** (Chen and Goodman's formulation, one discount per order):
+
+      .. math:: p_k(w \mid h) = \frac{\max(c_k(h w) - D_k, 0)}{\sum_{w'} c_k(h w')}
+                + \frac{D_k\, N_{1+}(h\,\bullet)}{\sum_{w'} c_k(h w')}\, p_{k-1}(w \mid h')
+
+      where :math:`h'` drops the oldest character of :math:`h`, :math:`N_{1+}(h\,\bullet)`
+      is the number of distinct characters seen after :math:`h`, and :math:`c_k` is the
+      raw count at the highest order but the *continuation count*
+      :math:`N_{1+}(\bullet\, h w)` (the number of distinct characters seen before
+      :math:`h w`) at lower orders. The recursion ends in the uniform distribution
+      :math:`1/V`, so every character has non-zero probability; a context never seen at
+      order ``k`` uses :math:`p_{k-1}` directly. Each :math:`p_k(\cdot \mid h)` sums to 1.
+      Default discounts: :math:`D_k = n_1 / (n_1 + 2 n_2)` from the numbers of ``k``-grams
+      counted once and twice.
+
+    At the start of a text, where fewer than ``n - 1`` characters precede a position, the
+    model uses the longest context available.
+    """
+
+    def __init__(self, config: NGramConfig, vocab_size: int):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if max(vocab_size, 2) ** config.order >= 2**63:
+            highest = int(math.log(2**63 - 1) / math.log(max(vocab_size, 2)))
+            raise ValueError(
+                f"order {config.order} is too high for {vocab_size} characters: n-gram keys "
+                f"would overflow 64-bit integers; use order <= {highest}")
+        self.config = config
+        self.V = vocab_size
+        self.tables: list[_Table] = []       # per order k: k-gram -> count used at order k
+        self.contexts: list[_Table] = []     # per order k: (k-1)-gram context -> (total, types)
+        self.discounts: list[float] = []
+        self.n_train = 0
+
+    # -- fitting
+    def fit(self, ids: torch.Tensor | np.ndarray) -> "NGramModel":
+        """Count the n-grams of a ``(N,)`` stream of token ids in ``0..V-1``."""
+        x = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+        if x.ndim != 1 or len(x) < self.config.order:
+            raise ValueError(f"need a 1-D stream of at least {self.config.order} tokens, got shape {x.shape}")
+        if x.min() < 0 or x.max() >= self.V:
+            raise ValueError(f"token ids must be in 0..{self.V - 1}")
+        n, V = self.config.order, self.V
+        keys = [x]                                    # keys[k-1]: k-grams ending at i = k-1..N-1
+        for k in range(2, n + 1):
+            keys.append(keys[-1][:-1] * V + x[k - 1:])
+        uniq: list[np.ndarray] = [np.empty(0, np.int64)] * n
+        counts: list[np.ndarray] = [np.empty(0, np.int64)] * n
+        kn = self.config.smoothing == "kneser-ney"
+        for k in range(n, 0, -1):
+            if kn and k < n:                          # continuation counts N1+(. h w)
+                uniq[k - 1], counts[k - 1] = np.unique(uniq[k] % V ** k, return_counts=True)
+            else:
+                uniq[k - 1], counts[k - 1] = np.unique(keys[k - 1], return_counts=True)
+        self.tables, self.contexts, self.discounts = [], [], []
+        for k in range(1, n + 1):
+            c = counts[k - 1].astype(np.float64)
+            self.tables.append(_Table(uniq[k - 1], c))
+            ctx_keys, inverse = np.unique(uniq[k - 1] // V, return_inverse=True)
+            totals = np.bincount(inverse, weights=c)
+            types = np.bincount(inverse).astype(np.float64)
+            self.contexts.append(_Table(ctx_keys, totals, types))
+            if self.config.discount is not None:
+                d = self.config.discount
+            else:
+                n1, n2 = np.sum(counts[k - 1] == 1), np.sum(counts[k - 1] == 2)
+                d = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.5
+            self.discounts.append(float(min(max(d, 1e-3), 1.0)))
+        self.n_train = len(x)
+        return self
+
+    # -- probabilities
+    def _probs(self, context: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """p(target | context) for rows of ``context`` ``(M, n-1)`` (most recent last;
+        -1 = no character there) and ``target`` ``(M,)``."""
+        if not self.tables:
+            raise RuntimeError("fit() the model before asking for probabilities")
+        n, V = self.config.order, self.V
+        M = len(target)
+        ctx_key = np.zeros(M, np.int64)
+        valid = np.ones(M, bool)
+        if self.config.smoothing == "additive":
+            p = np.full(M, 1.0 / V)
+            for k in range(1, n + 1):
+                if k > 1:
+                    prev = context[:, -(k - 1)]
+                    valid &= prev >= 0
+                    ctx_key = ctx_key + np.where(prev >= 0, prev, 0) * V ** (k - 2)
+                (c,) = self.tables[k - 1].lookup(ctx_key * V + target)
+                total, _ = self.contexts[k - 1].lookup(ctx_key)
+                p_k = (c + self.config.alpha) / (total + self.config.alpha * V)
+                p = np.where(valid, p_k, p)
+            return p
+        p = np.full(M, 1.0 / V)
+        for k in range(1, n + 1):
+            if k > 1:
+                prev = context[:, -(k - 1)]
+                valid &= prev >= 0
+                ctx_key = ctx_key + np.where(prev >= 0, prev, 0) * V ** (k - 2)
+            (c,) = self.tables[k - 1].lookup(ctx_key * V + target)
+            total, types = self.contexts[k - 1].lookup(ctx_key)
+            d = self.discounts[k - 1]
+            seen = valid & (total > 0)
+            safe = np.where(seen, total, 1.0)
+            p_k = np.maximum(c - d, 0.0) / safe + d * types / safe * p
+            p = np.where(seen, p_k, p)
+        return p
+
+    def _contexts_of(self, x: np.ndarray) -> np.ndarray:
+        """``(N, n-1)`` contexts of every position of ``x`` (-1 before the start)."""
+        w = self.config.order - 1
+        padded = np.concatenate([np.full(w, -1, np.int64), x])
+        if w == 0:
+            return np.zeros((len(x), 0), np.int64)
+        return np.lib.stride_tricks.sliding_window_view(padded[:-1], w)
+
+    def log_probs(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
+        """``log p(x_i | x_<i)`` in nats for positions ``i = 1 .. N-1`` of a stream ``(N,)``
+        (the first token, which has no context, is not scored): shape ``(N - 1,)``."""
+        x = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+        if x.ndim != 1 or len(x) < 2:
+            raise ValueError("need a 1-D stream of at least 2 tokens")
+        if x.min() < 0 or x.max() >= self.V:
+            raise ValueError(f"token ids must be in 0..{self.V - 1}")
+        out = np.empty(len(x) - 1)
+        chunk = 1 << 18
+        contexts = self._contexts_of(x)
+        for a in range(1, len(x), chunk):
+            b = min(len(x), a + chunk)
+            out[a - 1:b - 1] = np.log(self._probs(np.ascontiguousarray(contexts[a:b]), x[a:b]))
+        return out
+
+    def nll(self, ids: torch.Tensor | np.ndarray) -> float:
+        """Average negative log-likelihood in nats per token (positions 1..N-1)."""
+        return float(-self.log_probs(ids).mean())
+
+    def next_probs(self, context: Sequence[int] | torch.Tensor) -> np.ndarray:
+        """The distribution ``(V,)`` of the next token after ``context`` (its last
+        ``n - 1`` tokens are used)."""
+        ctx = np.asarray(context.cpu() if isinstance(context, torch.Tensor) else list(context),
+                         dtype=np.int64)
+        w = self.config.order - 1
+        row = np.full(w, -1, np.int64)
+        if w and len(ctx):
+            tail = ctx[-w:]
+            row[w - len(tail):] = tail
+        rows = np.broadcast_to(row, (self.V, w))
+        return self._probs(np.ascontiguousarray(rows), np.arange(self.V))
+
+    def sample(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None, stop: Sequence[int] | None = None
+               ) -> list[int]:
+        """Sample a continuation of ``prompt`` token by token (``temperature`` rescales the
+        log-probabilities; 0 is greedy). Stops after ``stop`` (a token sequence) appears."""
+        from . import sampling
+
+        sampling.check_temperature(temperature)
+        out = list(prompt)
+        stop = list(stop or [])
+        for _ in range(max_new_tokens):
+            logits = torch.from_numpy(np.log(self.next_probs(out)))
+            out.append(int(sampling.sample(logits, temperature=temperature, generator=generator)))
+            if stop and len(out) - len(prompt) >= len(stop) and out[-len(stop):] == stop:
+                break
+        return out
+
+
+# ------------------------------------------------------------------------ metrics
+
+def bits_per_char(nats_per_char: float) -> float:
+    """Convert an average negative log-likelihood from nats to bits: divide by ``log 2``."""
+    return nats_per_char / LN2
+
+
+def ngrams(text: str, n: int) -> list[str]:
+    """The overlapping character n-grams of ``text``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return [text[i:i + n] for i in range(len(text) - n + 1)]
+
+
+def distinct_ngrams(texts: Sequence[str], n: int = 4) -> float:
+    """Distinct-n: the number of different n-grams across all ``texts`` divided by the
+    number of n-grams. 1 when nothing repeats; small when the texts are alike."""
+    grams = [g for t in texts for g in ngrams(t, n)]
+    if not grams:
+        raise ValueError(f"the texts hold no {n}-grams")
+    return len(set(grams)) / len(grams)
+
+
+def repetition_rate(text: str, n: int = 8) -> float:
+    """The fraction of a text's n-grams that already occurred earlier in the same text.
+
+    Real tunes repeat phrases, so this is not zero for good music; a decoder stuck in a
+    loop drives it towards 1.
+    """
+    grams = ngrams(text, n)
+    if not grams:
+        return 0.0
+    seen: set[str] = set()
+    repeats = 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
