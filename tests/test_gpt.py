@@ -11,13 +11,6 @@ from genart_utils import gpt, text, training
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids the cost of waking others (large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = gpt.GPTConfig(vocab_size=7, block_size=16, n_layer=2, n_head=2, n_embd=16, seed=0)

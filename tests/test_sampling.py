@@ -10,13 +10,6 @@ import torch
 from genart_utils import gpt, sampling
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids the cost of waking others (large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def kept(logits: torch.Tensor) -> set[int]:

@@ -9,13 +9,6 @@ from genart_utils import data, distributions, training, vae
 TINY = vae.VAEConfig(latent_dim=4, width=4, hidden=16, lr=3e-3, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _binary_digits(n: int) -> torch.Tensor:
