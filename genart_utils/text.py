@@ -362,31 +362,24 @@ class NGramModel:
         M = len(target)
         ctx_key = np.zeros(M, np.int64)
         valid = np.ones(M, bool)
-        if self.config.smoothing == "additive":
-            p = np.full(M, 1.0 / V)
-            for k in range(1, n + 1):
-                if k > 1:
-                    prev = context[:, -(k - 1)]
-                    valid &= prev >= 0
-                    ctx_key = ctx_key + np.where(prev >= 0, prev, 0) * V ** (k - 2)
-                (c,) = self.tables[k - 1].lookup(ctx_key * V + target)
-                total, _ = self.contexts[k - 1].lookup(ctx_key)
-                p_k = (c + self.config.alpha) / (total + self.config.alpha * V)
-                p = np.where(valid, p_k, p)
-            return p
+        additive = self.config.smoothing == "additive"
         p = np.full(M, 1.0 / V)
         for k in range(1, n + 1):
-            if k > 1:
+            if k > 1:  # extend the context key by one more character back
                 prev = context[:, -(k - 1)]
                 valid &= prev >= 0
                 ctx_key = ctx_key + np.where(prev >= 0, prev, 0) * V ** (k - 2)
             (c,) = self.tables[k - 1].lookup(ctx_key * V + target)
             total, types = self.contexts[k - 1].lookup(ctx_key)
-            d = self.discounts[k - 1]
-            seen = valid & (total > 0)
-            safe = np.where(seen, total, 1.0)
-            p_k = np.maximum(c - d, 0.0) / safe + d * types / safe * p
-            p = np.where(seen, p_k, p)
+            if additive:
+                p_k = (c + self.config.alpha) / (total + self.config.alpha * V)
+                p = np.where(valid, p_k, p)
+            else:  # interpolated Kneser-Ney: discounted counts plus back-off mass times p
+                d = self.discounts[k - 1]
+                seen = valid & (total > 0)
+                safe = np.where(seen, total, 1.0)
+                p_k = np.maximum(c - d, 0.0) / safe + d * types / safe * p
+                p = np.where(seen, p_k, p)
         return p
 
     def _contexts_of(self, x: np.ndarray) -> np.ndarray:
