@@ -4,6 +4,10 @@ Every notebook starts with :func:`setup_notebook`, which seeds every random numb
 generator, picks the device and the execution profile, and prints them together with the
 package version. The profile only changes sizes (steps, widths, dataset sizes), never the
 code path: see :func:`profile_config`.
+
+Two conventions every model family shares also live here: :func:`check_fields`, the one
+validation of config dataclasses, and :func:`seeded`, the one way a model's initial weights
+are drawn from ``config.seed``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import contextlib
 import os
 import random
 import sys
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, TypeVar
+from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -87,12 +92,100 @@ def seed_everything(seed: int) -> torch.Generator:
     Returns a fresh CPU :class:`torch.Generator` seeded with ``seed``, for functions that
     take an explicit generator.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _check_seed(seed)
+    seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with the CPU random number generator seeded by ``seed``, then put it back.
+
+    This is THE way a ``build_*`` function turns ``config.seed`` into initial weights::
+
+        with runtime.seeded(config.seed):
+            model = VAE(config)      # nn.Linear, nn.Conv2d ... draw from the seeded RNG
+
+    The weights then depend only on ``config.seed``, and the global RNG is exactly where it
+    was before the block, so building a model never changes what a notebook draws next.
+    Only the CPU generator is forked and seeded (``torch.manual_seed`` would also reseed
+    every CUDA device): build on the CPU, then move the model with ``.to(device)``.
+    """
+    _check_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
+
+
+def _check_seed(seed: Any) -> None:
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
+# ------------------------------------------------------------------ config validation
+
+def _is_int(value: Any) -> bool:
+    """Python or NumPy integers; ``True``/``False`` are flags, not counts."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    """A finite real number: ints and floats, Python or NumPy, but not bools."""
+    return (_is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+
+
+_RULES = {
+    # keyword: (test, what the field must be)
+    "positive_ints": (lambda v: _is_int(v) and v >= 1, "a positive int (1, 2, ...)"),
+    "nonneg_ints": (lambda v: _is_int(v) and v >= 0, "a non-negative int (0, 1, ...)"),
+    "positive_floats": (lambda v: _is_real(v) and v > 0, "a finite number > 0"),
+    "nonneg_floats": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+    "unit_interval": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "half_open_unit": (lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def check_fields(obj: Any, *, positive_ints: Iterable[str] = (), nonneg_ints: Iterable[str] = (),
+                 positive_floats: Iterable[str] = (), nonneg_floats: Iterable[str] = (),
+                 unit_interval: Iterable[str] = (), half_open_unit: Iterable[str] = (),
+                 choices: Mapping[str, Iterable] | None = None) -> None:
+    """Validate the fields of a config dataclass; call it from ``__post_init__``.
+
+    Each keyword lists field names that must be: ``positive_ints`` >= 1, ``nonneg_ints``
+    >= 0, ``positive_floats`` > 0, ``nonneg_floats`` >= 0 (finite), ``unit_interval`` in
+    [0, 1] (a probability), ``half_open_unit`` in [0, 1) (dropout, Adam's beta1);
+    ``choices`` maps a field to its allowed values. Floats accept ints; bools are neither.
+
+    A NumPy scalar (``np.int64(3)``, ``np.float32(0.1)``) is accepted and stored back as
+    the Python number, so the config saves into a checkpoint that loads with
+    ``weights_only=True``. This works on frozen dataclasses too.
+
+    Raises:
+        ValueError: naming the class, the field, the value and what to pass instead, e.g.
+            ``DCGANConfig.latent_dim must be a positive int (1, 2, ...), got 0``.
+    """
+    cls = type(obj).__name__
+    groups = dict(positive_ints=positive_ints, nonneg_ints=nonneg_ints,
+                  positive_floats=positive_floats, nonneg_floats=nonneg_floats,
+                  unit_interval=unit_interval, half_open_unit=half_open_unit)
+    for rule, names in groups.items():
+        test, what = _RULES[rule]
+        for name in names:
+            value = getattr(obj, name)
+            if not test(value):
+                raise ValueError(f"{cls}.{name} must be {what}, got {value!r}; "
+                                 f"fix the {name}=... argument of {cls}(...)")
+            if isinstance(value, np.generic):
+                object.__setattr__(obj, name, value.item())
+    for name, allowed in (choices or {}).items():
+        allowed = tuple(allowed)
+        value = getattr(obj, name)
+        if value not in allowed:
+            raise ValueError(f"{cls}.{name} must be one of {', '.join(map(repr, allowed))}, "
+                             f"got {value!r}; fix the {name}=... argument of {cls}(...)")
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -134,10 +227,11 @@ class NotebookRun:
     def banner(self) -> str:
         from . import __version__
 
+        threads = f"{torch.get_num_threads()} CPU threads"
         if self.device.type == "cuda":
-            where = f"cuda ({torch.cuda.get_device_name(self.device)})"
+            where = f"cuda ({torch.cuda.get_device_name(self.device)}; {threads})"
         else:
-            where = f"{self.device.type} ({torch.get_num_threads()} threads)"
+            where = f"{self.device.type} ({threads})"
         return (
             f"genart_utils {__version__} | torch {torch.__version__} | python "
             f"{sys.version.split()[0]}\ndevice: {where} | profile: {self.profile} | seed: {self.seed}"
@@ -156,8 +250,19 @@ class NotebookRun:
 
 
 def setup_notebook(seed: int = 0, profile: str | None = None, device: str | None = None,
-                   verbose: bool = True) -> NotebookRun:
-    """Seed everything, choose device and profile, and print them with the versions."""
+                   verbose: bool = True, threads: int | None = None) -> NotebookRun:
+    """Seed everything, choose device and profile, and print them with the versions.
+
+    ``threads`` sets ``torch.set_num_threads`` before the banner, which shows the count:
+    the book's tiny models run fastest on one thread, and a notebook's timings are only
+    comparable when the thread count is printed beside them. ``None`` keeps PyTorch's
+    default (one thread per core).
+    """
+    if threads is not None:
+        if not _is_int(threads) or threads < 1:
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}; "
+                             "pass threads=1 for the book's small models")
+        torch.set_num_threads(int(threads))
     run = NotebookRun(
         device=get_device(device),
         profile=get_profile(profile),

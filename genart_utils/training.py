@@ -8,7 +8,9 @@ bar and calls the callbacks (sample a grid every N steps, validate, save a check
 Checkpoints are plain dicts of tensors and Python numbers, so they load with
 ``torch.load(..., weights_only=True)``; each carries the model's config and the package
 version, and is written atomically (to a temporary file, then renamed), so an interrupted
-save never leaves a truncated checkpoint behind.
+save never leaves a truncated checkpoint behind. A value that ``weights_only=True`` could not
+load back is refused when saving, and a file that cannot be loaded raises one error,
+:class:`CheckpointError`, that names it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 StepFn = Callable[[Any], Mapping[str, float]]
@@ -49,13 +53,17 @@ class History:
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one logged quantity, as NumPy arrays."""
-        if key not in self.records:
-            raise KeyError(f"nothing logged under {key!r}; logged: {sorted(self.records)}")
-        steps, values = self.records[key]
+        steps, values = self._record(key)
         return np.asarray(steps), np.asarray(values)
 
     def last(self, key: str) -> float:
-        return self.records[key][1][-1]
+        """The latest value logged under ``key``."""
+        return self._record(key)[1][-1]
+
+    def _record(self, key: str) -> tuple[list[int], list[float]]:
+        if key not in self.records:
+            raise KeyError(f"nothing logged under {key!r}; logged: {sorted(self.records)}")
+        return self.records[key]
 
     def keys(self) -> list[str]:
         return list(self.records)
@@ -162,6 +170,52 @@ def train(step_fn: StepFn, batches: Iterable, steps: int, *, history: History | 
     return history
 
 
+def layer_shapes(model: nn.Module, inputs: torch.Tensor | tuple, parts: Mapping[str, nn.Module]
+                 ) -> dict[str, tuple[int, ...]]:
+    """The output shape of each named submodule on one forward pass of ``model``.
+
+    ``model(inputs)`` runs once without gradients (``model(*inputs)`` for a tuple), with a
+    forward hook on each module of ``parts`` that records the shape of its output (of the
+    first element when it returns a tuple); the hooks are removed afterwards. The pass runs
+    in eval mode and the previous modes are restored, so batch-norm statistics do not move.
+
+    >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    >>> layer_shapes(net, torch.zeros(4, 3), {"hidden": net[1], "out": net[2]})
+    {'hidden': (4, 5), 'out': (4, 2)}
+    """
+    inside = {id(m) for m in model.modules()}
+    for name, part in parts.items():
+        if id(part) not in inside:
+            raise ValueError(f"parts[{name!r}] is not a submodule of the model; pass modules "
+                             "reached from the model, e.g. model.encoder.net[0]")
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            shapes[name] = tuple(first.shape)
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [part.register_forward_hook(recorder(name)) for name, part in parts.items()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(inputs, tuple):
+                model(*inputs)
+            else:
+                model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    missing = [name for name in parts if name not in shapes]
+    if missing:
+        raise ValueError(f"parts {missing} did not run in the forward pass of the model")
+    return {name: shapes[name] for name in parts}
+
+
 # ------------------------------------------------------------------------ checkpoints
 
 @dataclass
@@ -172,6 +226,72 @@ class Checkpoint:
     history: History
     version: str
     extra: dict
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as a checkpoint: empty, truncated, not a checkpoint, or
+    saved with a config class that has changed since. The message names the file."""
+
+
+def checkpoint_path(name: str) -> Path:
+    """Where a notebook keeps its checkpoint ``name``: ``$GENART_CHECKPOINTS/name`` when
+    that variable is set, else ``data.data_home() / "checkpoints" / name``.
+
+    Notebooks call this rather than hard-coding ``"../checkpoints"``, which depends on the
+    working directory (Colab, the book build and a local Jupyter all differ). The folder is
+    created.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name \
+            or "\\" in name:
+        raise ValueError(f"checkpoint name must be a plain file name such as 'dcgan.pt', "
+                         f"got {name!r}; set GENART_CHECKPOINTS to choose the folder")
+    from . import data  # here, not at the top: data may import this module
+
+    folder = os.environ.get("GENART_CHECKPOINTS")
+    folder = Path(folder) if folder else data.data_home() / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse what ``torch.load(..., weights_only=True)`` cannot load back.
+
+    Allowed: tensors, ``int``/``float``/``bool``/``str``/``None``, and lists, tuples and
+    dicts (keys ``str`` or ``int``) of those. Exact types are checked: ``np.float64`` is a
+    subclass of ``float`` that pickles as a NumPy object and would not load.
+    """
+    if type(value) in _PLAIN or isinstance(value, torch.Tensor):
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where} has the key {key!r} of type {type(key).__name__}; "
+                                "use str or int keys in a checkpoint")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which "
+                    f"torch.load(..., weights_only=True) cannot load back; {_plain_fix(value)}")
+
+
+def _plain_fix(value: Any) -> str:
+    if isinstance(value, np.generic):
+        return "store x.item() (or float(x) / int(x))"
+    if isinstance(value, np.ndarray):
+        return "store torch.from_numpy(x) or x.tolist()"
+    if isinstance(value, os.PathLike):
+        return "store str(path)"
+    if dataclasses.is_dataclass(value):
+        return "store dataclasses.asdict(x), or pass it as config="
+    if isinstance(value, (set, frozenset)):
+        return "store sorted(x) or list(x)"
+    return "store tensors, numbers, strings, None, or lists / tuples / dicts of them"
 
 
 def _config_to_dict(config: Any) -> tuple[str, dict]:
@@ -189,14 +309,23 @@ def save_checkpoint(path: str | os.PathLike, modules: Mapping[str, Any], *, conf
     """Save the state of ``modules`` (models, optimisers, schedulers) with config and history.
 
     ``modules`` maps names to objects with ``state_dict()``; ``extra`` holds any other plain
-    values (tensors, numbers, strings). The file is written to a temporary name in the same
-    folder and then renamed over ``path``.
+    values (tensors, numbers, strings, and lists / tuples / dicts of them). The file is
+    written to a temporary name in the same folder and then renamed over ``path``.
+
+    Raises:
+        TypeError: when the config or ``extra`` holds a value that ``weights_only=True``
+            cannot load back (a NumPy scalar, a Path, a dataclass, a set ...), naming where
+            it is, e.g. ``extra['best']['value']``, and how to store it instead. Nothing
+            is written then, so a good checkpoint is never replaced by one that cannot load.
     """
     from . import __version__
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config_type, config_dict = _config_to_dict(config)
+    extra = dict(extra or {})
+    _check_plain(config_dict, "config")
+    _check_plain(extra, "extra")
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": __version__,
@@ -204,7 +333,7 @@ def save_checkpoint(path: str | os.PathLike, modules: Mapping[str, Any], *, conf
         "config": config_dict,
         "state": {name: obj.state_dict() for name, obj in modules.items()},
         "history": (history or History()).to_dict(),
-        "extra": dict(extra or {}),
+        "extra": extra,
     }
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -227,25 +356,35 @@ def load_checkpoint(path: str | os.PathLike, modules: Mapping[str, Any] | None =
     The states stored under the names in ``modules`` are loaded into those objects (a
     missing name is an error). With ``config_type``, the stored config is rebuilt as that
     dataclass, after checking that it was saved from a class of the same name.
+
+    Raises:
+        FileNotFoundError: when there is no file at ``path``.
+        CheckpointError: when the file is empty, truncated, not a checkpoint, holds objects
+            ``weights_only`` refuses, or holds a config or weights that no longer fit the
+            code (a config class or model that gained or lost fields or layers).
     """
     from . import __version__
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a genart_utils checkpoint (format {CHECKPOINT_FORMAT})")
+    payload = _read(path, map_location)
     for name, obj in (modules or {}).items():
         if name not in payload["state"]:
             raise KeyError(f"{path} has no state for {name!r}; it holds {sorted(payload['state'])}")
-        obj.load_state_dict(payload["state"][name])
+        try:
+            obj.load_state_dict(payload["state"][name])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{path}: the saved state of {name!r} does not fit the object given "
+                f"({str(err).splitlines()[0]}); build it from the checkpoint's config, or "
+                "delete the file and train again") from err
     config: Any = payload["config"]
     if config_type is not None:
         if payload["config_type"] != config_type.__qualname__:
             raise TypeError(f"{path} holds a {payload['config_type']} config, "
                             f"not a {config_type.__qualname__}")
-        config = config_type(**config)
+        config = _rebuild_config(path, config_type, config)
     if payload["version"] != __version__:
         import warnings
 
@@ -253,3 +392,83 @@ def load_checkpoint(path: str | os.PathLike, modules: Mapping[str, Any] | None =
                       f"this is {__version__}", stacklevel=2)
     return Checkpoint(config=config, history=History.from_dict(payload["history"]),
                       version=payload["version"], extra=payload["extra"])
+
+
+def _read(path: Path, map_location: str | torch.device) -> dict:
+    """``torch.load(path, weights_only=True)``, with every way it fails turned into one
+    :class:`CheckpointError` that names the file and says what to do."""
+    remedy = "delete it and save the checkpoint again (or train again)"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (an interrupted copy?); {remedy}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} cannot be loaded with weights_only=True ({_reason(err)}); it is not a "
+            "genart_utils checkpoint, or holds objects other than tensors and plain values; "
+            f"{remedy}") from err
+    except Exception as err:  # EOFError, RuntimeError from the zip reader, a bad seek ...
+        raise CheckpointError(f"{path} is truncated or not a checkpoint ({_reason(err)}); "
+                              f"{remedy}") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a genart_utils checkpoint "
+                              f"(format {CHECKPOINT_FORMAT}); {remedy}")
+    return payload
+
+
+def _reason(err: Exception) -> str:
+    """The informative sentence of a ``torch.load`` error (they run to a dozen lines)."""
+    text = str(err)
+    marker = "Unsupported global: "
+    if marker in text:
+        return marker + text.split(marker, 1)[1].split(" was not", 1)[0]
+    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _rebuild_config(path: Path, config_type: type, config: Mapping) -> Any:
+    """``config_type(**config)``, explaining a config class that changed since the save."""
+    try:
+        return config_type(**config)
+    except (TypeError, ValueError) as err:
+        names = {f.name for f in dataclasses.fields(config_type)} \
+            if dataclasses.is_dataclass(config_type) else set(config)
+        unknown = sorted(set(config) - names)
+        raise CheckpointError(
+            f"{path} holds a {config_type.__qualname__} that the current class cannot rebuild "
+            f"({err}; fields saved but no longer in the class: {unknown or 'none'}); the "
+            "class changed since the save: delete the file and train again, or load without "
+            "config_type and adapt the dict") from err
+
+
+def keep_best(path: str | os.PathLike, modules: Mapping[str, Any], key: str, *,
+              config: Any = None, mode: str = "min",
+              extra: Mapping | Callable[[], Mapping] | None = None) -> Callback:
+    """A callback that saves a checkpoint whenever ``key`` reaches its best value so far.
+
+    After a step at which ``key`` was logged, the checkpoint at ``path`` is written when
+    the new value is strictly better (lower for ``mode="min"``, higher for ``"max"``) than
+    every earlier value of ``key`` in the history. The best is read from the history, not
+    kept in the callback, so a run resumed from a checkpoint (whose history holds the
+    earlier values) never overwrites the best checkpoint with a worse one. Put it after the
+    callback that logs ``key``.
+
+    The checkpoint's ``extra`` is ``{"step": step, key: value, **extra}``; ``extra`` may be
+    a function returning the dict, called at save time (e.g. for a generator's state).
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    better = (lambda new, old: new < old) if mode == "min" else (lambda new, old: new > old)
+
+    def callback(step: int, history: History) -> None:
+        steps, values = history.records.get(key, ((), ()))
+        if not steps or steps[-1] != step:
+            return
+        value = values[-1]  # a NaN is never the best, and never blocks a later best
+        if not math.isnan(value) and all(better(value, old) for old in values[:-1]
+                                          if not math.isnan(old)):
+            more = extra() if callable(extra) else (extra or {})
+            save_checkpoint(path, modules, config=config, history=history,
+                            extra={"step": step, key: value, **more})
+
+    return callback

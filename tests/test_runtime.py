@@ -1,4 +1,6 @@
 import random
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -86,4 +88,90 @@ def test_setup_notebook_prints_device_profile_and_version(capsys):
     run = runtime.setup_notebook(seed=7, profile="smoke", device="cpu")
     out = capsys.readouterr().out
     assert f"genart_utils {__version__}" in out and "profile: smoke" in out and "device: cpu" in out
-    assert run.elapsed() >= 0 and "wall time" in run.report()
+    assert "seed: 7" in out and run.seed == 7 and run.profile == "smoke"
+    assert torch.equal(torch.rand(3, generator=run.generator),
+                       torch.rand(3, generator=torch.Generator().manual_seed(7)))
+
+
+def test_elapsed_and_report_measure_the_clock(monkeypatch):
+    before = runtime.time.perf_counter()
+    run = runtime.setup_notebook(seed=0, profile="cpu", device="cpu", verbose=False)
+    assert before <= run.started <= runtime.time.perf_counter()  # the clock starts at setup
+    clock = iter([run.started + 12.25, run.started + 30.5])
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(clock))
+    assert run.elapsed() == 12.25
+    assert run.report() == "notebook wall time: 30.5 s (profile cpu, device cpu)"
+
+
+def test_setup_notebook_sets_threads_before_the_banner(capsys):
+    torch.set_num_threads(1)
+    runtime.setup_notebook(profile="smoke", device="cpu", threads=2)
+    assert torch.get_num_threads() == 2
+    assert "cpu (2 CPU threads)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        runtime.setup_notebook(device="cpu", threads=0, verbose=False)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        runtime.setup_notebook(device="cpu", threads=True, verbose=False)
+
+
+def test_seeded_fixes_weights_and_leaves_the_global_rng_alone():
+    torch.manual_seed(5)
+    expected_next = torch.rand(4)
+    torch.manual_seed(5)
+    with runtime.seeded(3):
+        a = torch.nn.Linear(4, 4).weight.detach().clone()
+    assert torch.equal(torch.rand(4), expected_next)  # as if the block had not run
+    with runtime.seeded(np.int64(3)):
+        b = torch.nn.Linear(4, 4).weight.detach().clone()
+    with runtime.seeded(4):
+        c = torch.nn.Linear(4, 4).weight.detach().clone()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.testing.assert_close(a, _linear_weight_reference(3))  # the CPU RNG, seeded with 3
+    with pytest.raises(ValueError, match="non-negative int"):
+        with runtime.seeded(-1):
+            pass
+
+
+def _linear_weight_reference(seed):
+    """nn.Linear(4, 4)'s default init, drawn from a local generator: U(-1/2, 1/2)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(4, 4, generator=g) - 0.5
+
+
+@dataclass(frozen=True)
+class _Config:
+    width: int = 4
+    steps: int = 0
+    lr: float = 1e-3
+    beta: float = 0.0
+    p: float = 0.5
+    dropout: float = 0.0
+    loss: str = "bce"
+
+    def __post_init__(self):
+        runtime.check_fields(self, positive_ints=("width",), nonneg_ints=("steps",),
+                             positive_floats=("lr",), nonneg_floats=("beta",),
+                             unit_interval=("p",), half_open_unit=("dropout",),
+                             choices={"loss": ("bce", "mse")})
+
+
+@pytest.mark.parametrize("field, bad, rule", [
+    ("width", 0, "a positive int"), ("width", 2.0, "a positive int"), ("width", True, "a positive int"),
+    ("steps", -1, "a non-negative int"), ("steps", np.float64(1), "a non-negative int"),
+    ("lr", 0.0, "a finite number > 0"), ("lr", float("inf"), "a finite number > 0"),
+    ("lr", "1e-3", "a finite number > 0"), ("lr", False, "a finite number > 0"),
+    ("beta", -0.5, "a finite number >= 0"), ("beta", float("nan"), "a finite number >= 0"),
+    ("p", 1.5, r"a number in \[0, 1\]"), ("dropout", 1.0, r"a number in \[0, 1\)"),
+    ("loss", "hinge", "one of 'bce', 'mse'"),
+])
+def test_check_fields_names_class_field_value_and_fix(field, bad, rule):
+    with pytest.raises(ValueError, match=rf"_Config\.{field} must be {rule}.*, got {re.escape(repr(bad))}; "
+                                         rf"fix the {field}=\.\.\. argument of _Config\(\.\.\.\)"):
+        _Config(**{field: bad})
+
+
+def test_check_fields_accepts_edges_and_numpy_numbers_and_stores_python_numbers():
+    cfg = _Config(width=np.int64(3), steps=0, lr=np.float32(0.5), beta=0, p=1, dropout=0.0)
+    assert cfg == _Config(width=3, steps=0, lr=0.5, beta=0, p=1, dropout=0.0)
+    assert type(cfg.width) is int and type(cfg.lr) is float
+    _Config(p=0.0, dropout=0.999, lr=1)  # ints are numbers; the closed / open ends hold

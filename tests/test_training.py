@@ -1,5 +1,7 @@
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -131,3 +133,228 @@ def test_loading_something_else_is_refused(tmp_path):
         training.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError):
         training.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_history_round_trips_through_a_dict_and_explains_missing_keys():
+    h = training.History()
+    assert training.History.from_dict(h.to_dict()) == h
+    h.log(1, {"loss": 2.5, "acc": 1})
+    h.log(3, {"loss": 0.5})
+    h.step = 3
+    back = training.History.from_dict(h.to_dict())
+    assert back == h and back.last("loss") == 0.5 and back.series("loss")[0].tolist() == [1, 3]
+    back.log(4, {"loss": 0.1})
+    assert h.series("loss")[1].tolist() == [2.5, 0.5]  # a copy, not a view of the same lists
+    with pytest.raises(KeyError, match="nothing logged under 'val'"):
+        h.last("val")
+
+
+# ------------------------------------------------------------------ keep_best
+
+
+def _run_keep_best(path, values, *, history=None, mode="min", marker=0.0):
+    """Feed a keep_best callback the steps of ``values`` (None: "val" not logged)."""
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(marker)
+    callback = training.keep_best(path, {"model": model}, "val", mode=mode, config=TinyConfig(),
+                                  extra={"run": "a"})
+    history = history or training.History()
+    start = history.step
+    for i, v in enumerate(values):
+        history.step = start + i + 1
+        history.log(history.step, {"loss": 1.0} if v is None else {"loss": 1.0, "val": v})
+        callback(history.step, history)
+    return history
+
+
+def _saved(path):
+    model = nn.Linear(1, 1)
+    ckpt = training.load_checkpoint(path, {"model": model}, config_type=TinyConfig)
+    return ckpt.extra, model.weight.item()
+
+
+def test_keep_best_saves_only_strict_improvements(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    saves = []
+    save = training.save_checkpoint
+    monkeypatch.setattr(training, "save_checkpoint",
+                        lambda *a, **k: saves.append(k["extra"]["step"]) or save(*a, **k))
+    _run_keep_best(path, [3.0, None, 2.0, 2.0, 2.5, float("nan"), 1.0, None])
+    assert saves == [1, 3, 7]  # not the tie at 4, the worse 5, the NaN, or steps without "val"
+    extra, _ = _saved(path)
+    assert extra == {"step": 7, "val": 1.0, "run": "a"}
+    assert training.load_checkpoint(path).history.step == 7  # the history at the best step
+
+
+def test_keep_best_mode_max_and_bad_mode(tmp_path):
+    path = tmp_path / "best.pt"
+    _run_keep_best(path, [0.1, 0.5, 0.3], mode="max")
+    assert _saved(path)[0]["step"] == 2
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        training.keep_best(path, {}, "val", mode="lowest")
+
+
+def test_keep_best_on_a_resumed_run_never_overwrites_a_better_checkpoint(tmp_path):
+    path = tmp_path / "best.pt"
+    first = _run_keep_best(path, [2.0, 1.0, 3.0], marker=1.0)  # best: 1.0 at step 2
+    resumed = training.History.from_dict(first.to_dict())        # as loaded from a checkpoint
+    _run_keep_best(path, [1.5, 1.2], history=resumed, marker=2.0)
+    assert _saved(path) == ({"step": 2, "val": 1.0, "run": "a"}, 1.0)
+    _run_keep_best(path, [0.5], history=resumed, marker=3.0)
+    assert _saved(path) == ({"step": 6, "val": 0.5, "run": "a"}, 3.0)
+
+
+def test_keep_best_extra_may_be_computed_at_save_time(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(1, 1)
+    callback = training.keep_best(tmp_path / "b.pt", {"model": model}, "val",
+                                  extra=lambda: {"generator": g.get_state()})
+    h = training.History(step=1)
+    h.log(1, {"val": 1.0})
+    torch.rand(3, generator=g)
+    callback(1, h)
+    assert torch.equal(training.load_checkpoint(tmp_path / "b.pt").extra["generator"], g.get_state())
+
+
+# ------------------------------------------------------------- paths and shapes
+
+
+def test_checkpoint_path_uses_the_environment_or_the_data_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENART_CHECKPOINTS", str(tmp_path / "ck"))
+    assert training.checkpoint_path("dcgan.pt") == tmp_path / "ck" / "dcgan.pt"
+    assert (tmp_path / "ck").is_dir()
+    monkeypatch.delenv("GENART_CHECKPOINTS")
+    monkeypatch.setenv("GENART_DATA", str(tmp_path / "data"))
+    assert training.checkpoint_path("vae.pt") == tmp_path / "data" / "checkpoints" / "vae.pt"
+    assert (tmp_path / "data" / "checkpoints").is_dir()
+    for bad in ["", "..", "a/b.pt", "../x.pt", "a\\b.pt", 3]:
+        with pytest.raises(ValueError, match="plain file name"):
+            training.checkpoint_path(bad)
+
+
+def test_layer_shapes_match_the_arithmetic_and_leave_the_model_unchanged():
+    net = nn.Sequential(nn.Conv2d(1, 4, 4, 2, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 14 * 14, 3))
+    before = net.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    shapes = training.layer_shapes(net, torch.randn(5, 1, 28, 28),
+                                   {"conv": net[0], "flat": net[3], "out": net[4]})
+    assert shapes == {"conv": (5, 4, 14, 14), "flat": (5, 784), "out": (5, 3)}  # (28 + 2 - 4) // 2 + 1
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # BN stats unmoved
+    assert net.training and net[1].training
+    assert all(not m._forward_hooks for m in net.modules())  # hooks removed
+
+
+def test_layer_shapes_tuple_outputs_and_errors():
+    lstm = nn.LSTM(3, 7, batch_first=True)
+    model = nn.Sequential(lstm)
+    assert training.layer_shapes(lstm, (torch.zeros(2, 5, 3),), {"lstm": lstm}) == {"lstm": (2, 5, 7)}
+    with pytest.raises(ValueError, match=r"parts\['other'\] is not a submodule"):
+        training.layer_shapes(model, torch.zeros(2, 5, 3), {"other": nn.ReLU()})
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    skip = Skip()
+    with pytest.raises(ValueError, match=r"\['unused'\] did not run"):
+        training.layer_shapes(skip, torch.zeros(1, 3), {"unused": skip.unused})
+    assert all(not m._forward_hooks for m in skip.modules())
+
+
+# ------------------------------------------------------------- checkpoint errors
+
+
+def _good_checkpoint(path):
+    model = nn.Linear(2, 2)
+    training.save_checkpoint(path, {"model": model}, config=TinyConfig())
+    return path
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("empty", "is empty"),
+    ("truncated", "truncated or not a checkpoint"),
+    ("random", "cannot be loaded with weights_only=True|truncated or not a checkpoint"),
+    ("pickle", r"cannot be loaded with weights_only=True \(Unsupported global: GLOBAL pathlib"),
+])
+def test_unreadable_files_raise_one_error_naming_the_file(tmp_path, damage, reason):
+    path = _good_checkpoint(tmp_path / "c.pt")
+    data = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "random":
+        path.write_bytes(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0))
+                         .to(torch.uint8).numpy().tobytes())
+    else:
+        import pathlib
+
+        torch.save({"format": 1, "where": pathlib.PosixPath("/x")}, path)
+    with pytest.raises(training.CheckpointError, match=reason) as info:
+        training.load_checkpoint(path)
+    assert str(path) in str(info.value) and "delete it" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+@dataclass(frozen=True)
+class GrownConfig:  # TinyConfig after a field was renamed: ``width`` became ``hidden``
+    hidden: int = 4
+    lr: float = 0.05
+    sizes: tuple = (3, 1)
+
+
+def test_a_config_class_that_changed_is_explained(tmp_path):
+    path = _good_checkpoint(tmp_path / "c.pt")
+    GrownConfig.__qualname__ = "TinyConfig"  # same name, new fields
+    try:
+        with pytest.raises(training.CheckpointError,
+                           match=r"c\.pt holds a TinyConfig that the current class cannot rebuild"
+                                 r".*no longer in the class: \['width'\]"):
+            training.load_checkpoint(path, config_type=GrownConfig)
+    finally:
+        GrownConfig.__qualname__ = "GrownConfig"
+
+
+def test_weights_that_do_not_fit_are_explained(tmp_path):
+    path = _good_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(training.CheckpointError, match=r"c\.pt: the saved state of 'model' does not fit"):
+        training.load_checkpoint(path, {"model": nn.Linear(3, 2)})
+
+
+@dataclass
+class _Point:
+    x: float = 0.0
+
+
+@pytest.mark.parametrize("extra, where, fix", [
+    ({"best": {"value": np.float64(0.5)}}, r"extra\['best'\]\['value'\] is a numpy.float64", r"x\.item\(\)"),
+    ({"n": np.int64(3)}, r"extra\['n'\] is a numpy.int64", r"x\.item\(\)"),
+    ({"grid": np.zeros(3)}, r"extra\['grid'\] is a numpy.ndarray", r"torch\.from_numpy\(x\)"),
+    ({"paths": [Path("a.png")]}, r"extra\['paths'\]\[0\] is a pathlib\.\w+Path", r"str\(path\)"),
+    ({"cfg": _Point()}, r"extra\['cfg'\] is a .*_Point", r"dataclasses\.asdict\(x\)"),
+    ({"seen": {1, 2}}, r"extra\['seen'\] is a builtins\.set", r"sorted\(x\)"),
+    ({"f": print}, r"extra\['f'\] is a builtins", "tensors, numbers, strings"),
+    ({"d": {(1, 2): 3}}, r"extra\['d'\] has the key \(1, 2\)", "str or int keys"),
+])
+def test_save_refuses_what_weights_only_cannot_load(tmp_path, extra, where, fix):
+    path = _good_checkpoint(tmp_path / "c.pt")
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=rf"{where}.*{fix}"):
+        training.save_checkpoint(path, {"model": nn.Linear(2, 2)}, extra=extra)
+    assert path.read_bytes() == before  # the good checkpoint is kept
+
+
+def test_save_checks_the_config_too_and_accepts_plain_values(tmp_path):
+    with pytest.raises(TypeError, match=r"config\['root'\] is a pathlib"):
+        training.save_checkpoint(tmp_path / "c.pt", {}, config={"root": Path("/data")})
+    plain = {"t": torch.ones(2), "n": 1, "x": 0.5, "ok": True, "s": "a", "none": None,
+             "nested": [(1, 2.0), {"k": [torch.zeros(1)]}], 3: "int key"}
+    training.save_checkpoint(tmp_path / "c.pt", {}, config={"root": "/data"}, extra=plain)
+    loaded = training.load_checkpoint(tmp_path / "c.pt").extra
+    assert loaded.keys() == plain.keys() and loaded["nested"][0] == (1, 2.0)
