@@ -6,11 +6,14 @@ All logarithms are natural, so divergences are in nats (divide by ``log 2`` for 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import runtime
 
 LOG2 = math.log(2.0)
 
@@ -84,6 +87,16 @@ class MixtureConfig:
     n_components: int = 3      # K, the number of Gaussian bumps
     init_spread: float = 2.0   # initial means are drawn from N(0, init_spread^2)
     init_log_sigma: float = 0.0  # initial log standard deviation of every component
+    seed: int = 0              # the initial means depend only on this (unless a generator is given)
+
+    def __post_init__(self) -> None:
+        runtime.check_fields(self, positive_ints=("n_components",), nonneg_ints=("seed",),
+                             nonneg_floats=("init_spread",))
+        value = self.init_log_sigma
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"MixtureConfig.init_log_sigma must be a finite number (the log of "
+                             f"the initial standard deviation), got {self.init_log_sigma!r}")
+        object.__setattr__(self, "init_log_sigma", float(self.init_log_sigma))
 
 
 class GaussianMixture1d(nn.Module):
@@ -93,14 +106,17 @@ class GaussianMixture1d(nn.Module):
               \quad \pi = \mathrm{softmax}(a), \quad \sigma_k = e^{s_k},
 
     so every real value of :math:`\theta = (a, \mu, s)` is a valid mixture.
+
+    The initial means are drawn with ``generator`` if one is given, else with a generator
+    seeded by ``config.seed``; the global random number generator is never used.
     """
 
     def __init__(self, config: MixtureConfig = MixtureConfig(), generator: torch.Generator | None = None):
         super().__init__()
-        if config.n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {config.n_components}")
         self.config = config
         k = config.n_components
+        if generator is None:
+            generator = torch.Generator().manual_seed(config.seed)
         self.logits = nn.Parameter(torch.zeros(k))                                   # a, (K,)
         self.mu = nn.Parameter(config.init_spread * torch.randn(k, generator=generator))  # (K,)
         self.log_sigma = nn.Parameter(torch.full((k,), config.init_log_sigma))       # s, (K,)

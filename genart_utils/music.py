@@ -3,11 +3,15 @@
 The embedded corpus is the ABC files that ship inside the ``music21`` package:
 
 * ``essenFolksong``: the Essen folksong collection (German, other European and over a
-  thousand Chinese folk songs), ABC encodings by Seymour Shlien of the EsAC database. The
-  encoders allow non-commercial distribution and use only (see
-  ``music21/corpus/essenFolksong/license.txt``).
+  thousand Chinese folk songs), ABC encodings by Seymour Shlien of the EsAC database.
+  music21's ``corpus/essenFolksong/license.txt`` says that the legal status of the database
+  is unclear (many people entered it), that the project's later director gave permission
+  for non-commercial distribution and use of the files in music21, and that the ABC files
+  are distributed with music21 by their encoder's permission. Whether that restriction
+  extends to models trained on the files or to their outputs is a question of ethics and
+  law that this package does not settle.
 * ``oneills1850``: the tunes of O'Neill's *Music of Ireland* (1903), transcribed by Norbert
-  Paap and others, distributed with music21 by permission of the encoders.
+  Paap and others and distributed with music21 (without a licence file).
 
 :func:`extract_tunes` reads those files as plain text, which takes well under a second for
 the whole corpus; parsing whole collections with music21 would take minutes. Only one tune
@@ -26,11 +30,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import numbers
 import re
 import signal
-import struct
 import threading
-import wave
 from dataclasses import dataclass
 from fractions import Fraction
 from importlib import resources
@@ -279,8 +282,9 @@ def parse_abc(abc: str, time_limit: float | None = 3.0):
 
     Raises:
         AbcParseError: with music21's message, for text it cannot read, that holds no
-            notes, or that takes longer than ``time_limit``; also for an odd number of
-            ``"`` or unbalanced ``{}``, which music21 would accept by dropping music.
+            notes, that has a note outside the MIDI range 0..127 (too many octave marks),
+            or that takes longer than ``time_limit``; also for an odd number of ``"`` or
+            unbalanced ``{}``, which music21 would accept by dropping music.
     """
     import warnings
 
@@ -297,13 +301,16 @@ def parse_abc(abc: str, time_limit: float | None = 3.0):
         with warnings.catch_warnings(), _quiet_and_limited(time_limit):
             warnings.simplefilter("ignore")
             score = converter.parse(text, format="abc")
-            has_notes = bool(score.flatten().notes)
+            pitches = [p.ps for n in score.flatten().notes for p in n.pitches]
     except _TimeLimit:
         raise AbcParseError(f"music21 took longer than {time_limit} s to parse the tune") from None
     except Exception as exc:  # music21 raises many kinds of errors on bad input
         raise AbcParseError(f"music21 could not parse the tune: {type(exc).__name__}: {exc}") from exc
-    if not has_notes:
+    if not pitches:
         raise AbcParseError("the tune parsed but contains no notes")
+    if not 0 <= min(pitches) <= max(pitches) <= 127:
+        raise AbcParseError(f"the tune has a note outside the MIDI range 0..127 (MIDI pitch "
+                            f"{min(pitches) if min(pitches) < 0 else max(pitches):g}): too many octave marks")
     return score
 
 
@@ -446,13 +453,59 @@ def check_tune(abc: str, time_limit: float | None = 3.0) -> BarCheck:
 
 # ------------------------------------------------------------------------ notes
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    """A finite real number (Python or NumPy), not a bool."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
+def _check_note(pitch, start, duration, where: str = "NoteEvent") -> tuple[int, float, float]:
+    """Validate one note's fields and return them as ``(int, float, float)``."""
+    if not _is_int(pitch) or not 0 <= pitch <= 127:
+        raise ValueError(f"{where}: pitch must be a MIDI note number, an int in 0..127 "
+                         f"(60 is middle C), got {pitch!r}")
+    for name, value in (("start", start), ("duration", duration)):
+        if not _is_real(value):
+            raise ValueError(f"{where}: {name} must be a finite number of quarter notes, got {value!r}")
+    if start < 0:
+        raise ValueError(f"{where}: start must be >= 0 (quarter notes from the beginning), got {start!r}")
+    if duration <= 0:
+        raise ValueError(f"{where}: duration must be > 0 quarter notes, got {duration!r}")
+    return int(pitch), float(start), float(duration)
+
+
+def _check_events(events: Sequence["NoteEvent"], purpose: str) -> list["NoteEvent"]:
+    """The events as a list, each checked (also objects that only look like a NoteEvent)."""
+    events = list(events)
+    if not events:
+        raise ValueError(f"no notes to {purpose}: pass at least one NoteEvent")
+    for i, e in enumerate(events):
+        try:
+            _check_note(e.pitch, e.start, e.duration, where=f"note {i} ({e!r})")
+        except AttributeError:
+            raise TypeError(f"note {i} is a {type(e).__name__}, "
+                            "not a NoteEvent(pitch, start, duration)") from None
+    return events
+
+
 @dataclass(frozen=True)
 class NoteEvent:
-    """A sounding note: MIDI pitch, and start and duration in quarter notes."""
+    """A sounding note: MIDI pitch (an int in 0..127), and start (>= 0) and duration (> 0)
+    in quarter notes. Invalid values raise :class:`ValueError` when the note is made."""
 
     pitch: int
     start: float
     duration: float
+
+    def __post_init__(self) -> None:
+        pitch, start, duration = _check_note(self.pitch, self.start, self.duration)
+        object.__setattr__(self, "pitch", pitch)        # NumPy numbers become Python numbers
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "duration", duration)
 
 
 def note_events(score) -> list[NoteEvent]:
@@ -476,18 +529,20 @@ def abc_to_events(abc: str, time_limit: float | None = 3.0) -> list[NoteEvent]:
     return note_events(parse_abc(abc, time_limit))
 
 
-def piano_roll(events: Sequence[NoteEvent], steps_per_quarter: int = 4
-               ) -> tuple[np.ndarray, int]:
-    """A piano roll: a ``(n_pitches, n_steps)`` array of 0/1, row 0 the lowest pitch.
+def piano_roll_matrix(events: Sequence[NoteEvent], steps_per_quarter: int = 4
+                      ) -> tuple[np.ndarray, int]:
+    """A piano roll as an array (to draw one, use :func:`genart_utils.plotting.piano_roll`).
 
-    Each note fills the time steps it sounds in (``steps_per_quarter`` per quarter note;
-    a note shorter than one step still fills one). Returns the array and the MIDI pitch
-    of row 0.
+    Returns ``(roll, lowest)``: ``roll`` is ``(n_pitches, n_steps)`` uint8 with row 0 the
+    MIDI pitch ``lowest``, ``steps_per_quarter`` time steps per quarter note, and values
+    0 (silence), 2 (the first step of a note) and 1 (the note goes on). Marking the onsets
+    keeps repeated notes of one pitch apart: two quarter notes C C are ``2 1 1 1 2 1 1 1``
+    at four steps per quarter, a half note C is ``2 1 1 1 1 1 1 1``. A note shorter than one
+    step still fills one; notes that start in the same step on the same pitch merge.
     """
-    if not events:
-        raise ValueError("no notes to draw: the piano roll needs at least one NoteEvent")
-    if steps_per_quarter < 1:
-        raise ValueError(f"steps_per_quarter must be >= 1, got {steps_per_quarter}")
+    events = _check_events(events, "put in a piano roll")
+    if not _is_int(steps_per_quarter) or steps_per_quarter < 1:
+        raise ValueError(f"steps_per_quarter must be an int >= 1, got {steps_per_quarter!r}")
     low = min(e.pitch for e in events)
     high = max(e.pitch for e in events)
     end = max(e.start + e.duration for e in events)
@@ -495,60 +550,60 @@ def piano_roll(events: Sequence[NoteEvent], steps_per_quarter: int = 4
     for e in events:
         a = int(round(e.start * steps_per_quarter))
         b = max(a + 1, int(round((e.start + e.duration) * steps_per_quarter)))
-        roll[e.pitch - low, a:b] = 1
+        roll[e.pitch - low, a:b] = np.maximum(roll[e.pitch - low, a:b], 1)
+        roll[e.pitch - low, a] = 2
     return roll, low
 
 
 # ------------------------------------------------------------------------ MIDI
 
-def _var_len(value: int) -> bytes:
-    """A MIDI variable-length quantity: 7 bits per byte, high bit set on all but the last."""
-    out = [value & 0x7F]
-    value >>= 7
-    while value:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    return bytes(reversed(out))
+def events_to_stream(events: Sequence[NoteEvent], tempo_qpm: float = 120.0, velocity: int = 80,
+                     program: int = 0):
+    """A ``music21`` Stream of the notes, with a tempo mark and a General MIDI instrument
+    (``program``, 0 = acoustic grand piano); ``tempo_qpm`` is in quarter notes per minute
+    and ``velocity`` (1..127) is how hard every note is struck."""
+    from music21 import instrument, note, stream, tempo
+
+    events = _check_events(events, "write")
+    if not _is_real(tempo_qpm) or tempo_qpm <= 0:
+        raise ValueError(f"tempo_qpm must be a positive number of quarter notes per minute, "
+                         f"got {tempo_qpm!r}")
+    for name, value, low in (("program", program, 0), ("velocity", velocity, 1)):
+        if not _is_int(value) or not low <= value <= 127:
+            raise ValueError(f"{name} must be an int in {low}..127, got {value!r}")
+    part = stream.Stream()
+    part.insert(0, tempo.MetronomeMark(number=float(tempo_qpm)))
+    player = instrument.Instrument()
+    player.midiProgram = int(program)
+    part.insert(0, player)
+    for e in events:
+        n = note.Note(midi=e.pitch, quarterLength=e.duration)
+        n.volume.velocity = int(velocity)
+        part.insert(e.start, n)
+    return part
 
 
 def midi_bytes(events: Sequence[NoteEvent], tempo_qpm: float = 120.0, velocity: int = 80,
-               program: int = 0, ticks_per_quarter: int = 480) -> bytes:
-    """A Standard MIDI File (format 0, one track) playing ``events``.
+               program: int = 0) -> bytes:
+    """A Standard MIDI File playing ``events``, written by music21 (see
+    :func:`events_to_stream` for the options).
 
-    ``program`` is the General MIDI instrument (0 = acoustic grand piano); ``tempo_qpm``
-    is in quarter notes per minute.
+    Raises:
+        ValueError: for no notes, a note with a pitch outside 0..127, a negative start, a
+            duration that is not positive or a time that is not finite, or a bad option.
     """
-    if tempo_qpm <= 0:
-        raise ValueError(f"tempo_qpm must be positive, got {tempo_qpm}")
-    if not 0 <= program <= 127 or not 1 <= velocity <= 127:
-        raise ValueError(f"program must be in 0..127 and velocity in 1..127, got {program}, {velocity}")
-    messages: list[tuple[int, int, bytes]] = []      # (tick, order, bytes): note-offs first
-    for e in events:
-        if not 0 <= e.pitch <= 127:
-            raise ValueError(f"MIDI pitch {e.pitch} is outside 0..127")
-        on = int(round(e.start * ticks_per_quarter))
-        off = max(on + 1, int(round((e.start + e.duration) * ticks_per_quarter)))
-        messages.append((on, 1, bytes([0x90, e.pitch, velocity])))
-        messages.append((off, 0, bytes([0x80, e.pitch, 0])))
-    messages.sort(key=lambda m: (m[0], m[1]))
-    micros = int(round(60_000_000 / tempo_qpm))
-    track = bytearray()
-    track += _var_len(0) + b"\xff\x51\x03" + micros.to_bytes(3, "big")   # tempo
-    track += _var_len(0) + bytes([0xC0, program])                       # instrument
-    now = 0
-    for tick, _, data in messages:
-        track += _var_len(tick - now) + data
-        now = tick
-    track += _var_len(0) + b"\xff\x2f\x00"                               # end of track
-    header = b"MThd" + struct.pack(">IHHH", 6, 0, 1, ticks_per_quarter)
-    return header + b"MTrk" + struct.pack(">I", len(track)) + bytes(track)
+    from music21 import midi
+
+    part = events_to_stream(events, tempo_qpm=tempo_qpm, velocity=velocity, program=program)
+    return midi.translate.streamToMidiFile(part).writestr()
 
 
 def write_midi(events: Sequence[NoteEvent], path: str | Path, **kwargs) -> Path:
     """Write ``events`` as a MIDI file (see :func:`midi_bytes` for the options)."""
+    data = midi_bytes(events, **kwargs)           # check everything before touching the disk
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(midi_bytes(events, **kwargs))
+    path.write_bytes(data)
     return path
 
 
@@ -567,8 +622,7 @@ def synthesize(events: Sequence[NoteEvent], tempo_qpm: float = 120.0, sample_rat
     Returns:
         float32 samples in ``[-1, 1]``, shape ``(n_samples,)``.
     """
-    if not events:
-        raise ValueError("no notes to synthesise")
+    events = _check_events(events, "synthesise")
     if tempo_qpm <= 0 or sample_rate <= 0:
         raise ValueError(f"tempo_qpm and sample_rate must be positive, got {tempo_qpm}, {sample_rate}")
     seconds_per_quarter = 60.0 / tempo_qpm
@@ -595,15 +649,3 @@ def synthesize(events: Sequence[NoteEvent], tempo_qpm: float = 120.0, sample_rat
     if peak > 0:
         out *= 0.9 / peak
     return out.astype(np.float32)
-
-
-def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
-    """16-bit mono WAV bytes of samples in ``[-1, 1]`` (for saving or ``Audio(data=...)``)."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
-    return buffer.getvalue()

@@ -8,7 +8,7 @@ Figures are built with :class:`~matplotlib.figure.Figure` directly rather than t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -84,26 +84,38 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot_history(history: History, keys: Sequence[str] | None = None, smooth: int = 1,
                  logy: bool = False, title: str | None = None,
-                 panels: Sequence[Sequence[str]] | None = None) -> Figure:
+                 panels: Sequence[Sequence[str]] | None = None,
+                 labels: Mapping[str, str] | None = None,
+                 ylabel: str | Sequence[str | None] | None = None) -> Figure:
     """Training curves from a :class:`~genart_utils.training.History`.
 
     Args:
         keys: the series to draw on one panel (default: all). ``panels`` instead draws a
             panel per group of keys, e.g. ``[["loss_d", "loss_g"], ["d_real", "d_fake"]]``.
         smooth: a running-mean window; the raw values are drawn faintly behind.
+        labels: legend entries in words for some keys, e.g.
+            ``{"loss_d": "discriminator loss J_D"}``; other keys are shown as they are.
+        ylabel: the y-axis label, one for all panels or one per panel.
     """
     groups = [list(p) for p in panels] if panels else [list(keys or history.keys())]
+    labels = dict(labels or {})
+    ylabels = [ylabel] * len(groups) if ylabel is None or isinstance(ylabel, str) else list(ylabel)
+    if len(ylabels) != len(groups):
+        raise ValueError(f"ylabel: give one label, or one per panel ({len(groups)}), got {len(ylabels)}")
     fig, axes = new_figure(len(groups), size=(4.5, 3.0))
     axes = np.atleast_1d(axes)
-    for ax, group in zip(axes, groups):
+    for ax, group, y_text in zip(axes, groups, ylabels):
         for key in group:
             steps, values = history.series(key)
+            label = labels.get(key, key)
             if smooth > 1:
                 line, = ax.plot(steps, values, alpha=0.25)
-                ax.plot(steps, _smooth(values, smooth), color=line.get_color(), label=key)
+                ax.plot(steps, _smooth(values, smooth), color=line.get_color(), label=label)
             else:
-                ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None)
-        ax.set_xlabel("step")
+                ax.plot(steps, values, label=label, marker="." if len(steps) < 30 else None)
+        ax.set_xlabel("training step")
+        if y_text:
+            ax.set_ylabel(y_text)
         if logy:
             ax.set_yscale("log")
         ax.legend()
@@ -125,22 +137,37 @@ def text_panel(ax, text: str, title: str | None = None, fontsize: float = 8.0) -
 _NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 
-def piano_roll(roll: np.ndarray, lowest: int, steps_per_quarter: int = 4, ax=None,
-               title: str | None = None, bar_times: Sequence[float] | None = None) -> Figure:
-    """Draw a piano roll: ``roll`` is ``(n_pitches, n_steps)`` with row 0 the MIDI pitch
-    ``lowest`` (as made by :func:`genart_utils.music.piano_roll`). Time is in quarter
-    notes; ``bar_times`` (in quarter notes) are drawn as faint bar lines."""
+def piano_roll(events: Sequence, ax=None, title: str | None = None,
+               bar_times: Sequence[float] | None = None) -> Figure:
+    """Draw notes as a piano roll: one bar per note, pitch upwards, time in quarter notes.
+
+    ``events`` are :class:`genart_utils.music.NoteEvent` (``pitch``, ``start``,
+    ``duration``), e.g. from :func:`genart_utils.music.abc_to_events`. Each note is its own
+    rectangle with a white outline, so repeated notes of one pitch (C C) stay two notes
+    rather than one long one. ``bar_times`` (in quarter notes) are drawn as faint bar lines.
+    """
+    if isinstance(events, (np.ndarray, torch.Tensor)):
+        raise TypeError("piano_roll draws note events (music.abc_to_events(tune)), not an array; "
+                        "music.piano_roll_matrix computes the array form")
+    events = list(events)
+    if not events:
+        raise ValueError("no notes to draw: the piano roll needs at least one NoteEvent")
+    pitches = np.array([e.pitch for e in events])
+    starts = np.array([e.start for e in events], dtype=float)
+    durations = np.array([e.duration for e in events], dtype=float)
+    lowest, highest = int(pitches.min()), int(pitches.max())
+    end = float((starts + durations).max())
     if ax is None:
-        fig, ax = new_figure(size=(min(12.0, 2.0 + roll.shape[1] / 12), 2.8))
+        fig, ax = new_figure(size=(min(12.0, 2.0 + end / 3), 2.8))
     else:
         fig = ax.figure
-    n_pitches, n_steps = roll.shape
-    ax.imshow(roll, origin="lower", aspect="auto", cmap="Blues", vmin=0, vmax=1.2,
-              interpolation="nearest",
-              extent=(0, n_steps / steps_per_quarter, lowest - 0.5, lowest + n_pitches - 0.5))
+    ax.bar(starts, 0.8, width=durations, bottom=pitches - 0.4, align="edge", color="tab:blue",
+           edgecolor="white", linewidth=0.8)
+    ax.set_xlim(0, end)
+    ax.set_ylim(lowest - 0.7, highest + 0.7)
     # Every natural note for a narrow range, else only the Cs and Gs.
-    labelled = (0, 2, 4, 5, 7, 9, 11) if n_pitches <= 24 else (0, 7)
-    ticks = [p for p in range(lowest, lowest + n_pitches) if p % 12 in labelled] or [lowest]
+    labelled = (0, 2, 4, 5, 7, 9, 11) if highest - lowest < 24 else (0, 7)
+    ticks = [p for p in range(lowest, highest + 1) if p % 12 in labelled] or [lowest]
     ax.set_yticks(ticks, [f"{_NOTE_NAMES[p % 12]}{p // 12 - 1}" for p in ticks])
     for x in bar_times if bar_times is not None else ():
         ax.axvline(x, color="0.4", lw=0.6, alpha=0.5)

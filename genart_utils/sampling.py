@@ -3,45 +3,79 @@ r"""Decoding: turning next-token logits into text.
 Two different kinds of procedure live here.
 
 * **Sampling** draws the next token at random from a (possibly reshaped) distribution:
-  plain ancestral sampling, temperature, top-k and top-p (nucleus) sampling
-  (Holtzman et al., 2020). Every function that draws takes a ``torch.Generator``.
+  plain ancestral sampling, temperature, top-k sampling (Fan et al., 2018) and top-p
+  (nucleus) sampling (Holtzman et al., 2020). Every function that draws takes a
+  ``torch.Generator``.
 * **Search** looks for a high-probability sequence and involves no randomness at all:
   greedy decoding (the most likely token at every step) and :func:`beam_search`.
 
-The filters are pure functions on logits of shape ``(..., V)``: they return new logits in
-which the excluded tokens are ``-inf``, so they compose (temperature, then top-k, then
-top-p) and a softmax of the result is the distribution actually sampled from.
+The filters are pure functions on logits of shape ``(..., |𝒱|)`` (one entry per token of
+the vocabulary 𝒱): they return new logits in which the excluded tokens are ``-inf``, so
+they compose (temperature, then top-k, then top-p) and a softmax of the result is the
+distribution actually sampled from.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 
 # ------------------------------------------------------------------------ argument checks
+# Each check accepts Python and NumPy numbers (``np.float64(0.9)``, ``np.int64(5)``), refuses
+# ``True``/``False`` (flags, not numbers), and returns the value as a plain Python number.
 
-def check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
 
 
-def check_top_k(k: int) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def check_temperature(temperature: float) -> float:
+    """A temperature is a finite number >= 0 (0 means greedy decoding)."""
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy, 1 leaves "
+                         f"the distribution as it is), got {temperature!r}")
+    return float(temperature)
+
+
+def check_top_k(k: int) -> int:
+    """``top_k`` is an int >= 1."""
+    if not _is_int(k) or k < 1:
         raise ValueError(f"top_k must be an int >= 1 (the number of tokens kept), got {k!r}")
+    return int(k)
 
 
-def check_top_p(p: float) -> None:
-    if not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (the probability mass kept), got {p!r}")
+def check_top_p(p: float) -> float:
+    """``top_p`` is a number in (0, 1]."""
+    if not _is_real(p) or not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (the probability mass kept), got {p!r}")
+    return float(p)
+
+
+def check_beam_width(beam_width: int) -> int:
+    """``beam_width`` is an int >= 1."""
+    if not _is_int(beam_width) or beam_width < 1:
+        raise ValueError(f"beam_width must be an int >= 1 (the number of hypotheses kept), "
+                         f"got {beam_width!r}")
+    return int(beam_width)
 
 
 # ------------------------------------------------------------------------ filters
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The most likely token: ``(..., V) -> (...)``; ties go to the lowest token id."""
+    """The most likely token: ``(..., |𝒱|) -> (...)``; ties go to the lowest token id."""
     return logits.argmax(dim=-1)
 
 
@@ -50,12 +84,22 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
     ``T < 1`` sharpens the distribution, ``T > 1`` flattens it, ``T = 1`` leaves it as is.
     The limit ``T -> 0`` is greedy decoding, which :func:`sample` does for ``T = 0``.
+
+    The largest logit of each row is subtracted first (the softmax does not change), so
+    every result is ``<= 0``: a tiny temperature such as ``1e-30`` turns the other logits
+    into large negative numbers or ``-inf`` and the softmax into the greedy choice (shared
+    equally between tied maxima), instead of overflowing to ``inf - inf = nan``.
     """
-    check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if temperature == 0:
         raise ValueError("temperature 0 is greedy decoding; call greedy() (or sample(), "
                          "which handles it) instead of dividing by zero")
-    return logits / temperature
+    shifted = logits - logits.amax(dim=-1, keepdim=True)                 # (..., |𝒱|), <= 0
+    scaled = shifted / temperature
+    # A temperature outside the dtype's range (1e-300 or 1e300 in float32) becomes 0 or inf,
+    # and 0 / 0 or -inf / inf would be nan: a maximum stays 0 and a banned token -inf.
+    scaled = torch.where(shifted == 0, torch.zeros_like(scaled), scaled)
+    return torch.where(shifted == -math.inf, shifted, scaled)
 
 
 def _sorted_desc(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +109,7 @@ def _sorted_desc(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the ``k`` largest logits (all of them if ``k >= V``), set the rest to
+    """Keep exactly the ``k`` largest logits (all of them if ``k >= |𝒱|``), set the rest to
     ``-inf``. Among equal logits the lower token ids are kept first."""
     check_top_k(k)
     V = logits.shape[-1]
@@ -83,9 +127,12 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     With the probabilities sorted in decreasing order, :math:`p_{(1)} \ge p_{(2)} \ge \dots`,
     token :math:`(j)` is kept when the mass before it, :math:`\sum_{i<j} p_{(i)}`, is still
     below ``p``. The most likely token is therefore always kept (for any ``p > 0``), and
-    ``p = 1`` keeps every token with non-zero probability.
+    ``p = 1`` keeps every token with non-zero probability (every finite logit: the
+    cumulative sum can round to 1 before the smallest probabilities are added, so that
+    case is not left to it).
     """
-    check_top_p(p)
+    if check_top_p(p) == 1.0:
+        return logits.clone()
     sorted_logits, order = _sorted_desc(logits)
     probs = torch.softmax(sorted_logits.double(), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -107,12 +154,12 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row: ``(..., V) -> (...)`` int64.
+    """Draw one token per row: ``(..., |𝒱|) -> (...)`` int64.
 
     ``temperature = 0`` returns :func:`greedy` (no randomness); otherwise the token is drawn
     from ``softmax(filter_logits(...))`` with ``generator``.
     """
-    check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if top_k is not None:
         check_top_k(top_k)
     if top_p is not None:
@@ -139,13 +186,12 @@ class Decoding:
     beam_width: int | None = None  # set for beam search (a deterministic search)
 
     def __post_init__(self) -> None:
-        check_temperature(self.temperature)
-        if self.top_k is not None:
-            check_top_k(self.top_k)
-        if self.top_p is not None:
-            check_top_p(self.top_p)
-        if self.beam_width is not None and (not isinstance(self.beam_width, int) or self.beam_width < 1):
-            raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
+        # NumPy numbers are accepted and stored as Python numbers (like runtime.check_fields).
+        object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        for name, check in (("top_k", check_top_k), ("top_p", check_top_p),
+                            ("beam_width", check_beam_width)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check(getattr(self, name)))
 
     @property
     def is_search(self) -> bool:
@@ -157,8 +203,8 @@ class Decoding:
 
 @dataclass(frozen=True)
 class BeamResult:
-    sequences: torch.Tensor  # (W, T0 + steps) the surviving beams, best first
-    scores: torch.Tensor     # (W,) their total log-probabilities of the generated part (float64)
+    sequences: torch.Tensor  # (b, T0 + steps) the surviving beams, best first
+    scores: torch.Tensor     # (b,) their total log-probabilities of the generated part (float64)
 
 
 def beam_search(next_log_probs: Callable[[torch.Tensor], torch.Tensor], prefix: torch.Tensor,
@@ -169,23 +215,22 @@ def beam_search(next_log_probs: Callable[[torch.Tensor], torch.Tensor], prefix: 
     over continuations of ``steps`` tokens of the prefix ``x``. After each step it keeps the
     ``beam_width`` partial sequences with the highest total log-probability among all
     one-token extensions of the current beams. Width 1 is greedy decoding. A width of at
-    least ``V ** (steps - 1)`` keeps every prefix, so the search is exhaustive and returns
+    least ``|𝒱| ** (steps - 1)`` keeps every prefix, so the search is exhaustive and returns
     the most likely sequence exactly; narrower beams can miss it. There is no randomness:
     the same model and prefix always give the same result (ties are broken towards the
     earlier beam, then the lower token id).
 
     Args:
         next_log_probs: maps token sequences ``(N, t)`` to next-token log-probabilities
-            ``(N, V)`` (e.g. a model's log-softmax at the last position).
+            ``(N, |𝒱|)`` (e.g. a model's log-softmax at the last position).
         prefix: ``(T0,)`` int64, the prompt (at least one token).
         steps: number of tokens to add.
-        beam_width: number of hypotheses kept after each step.
+        beam_width: the beam width b, the number of hypotheses kept after each step.
 
     Returns:
         A :class:`BeamResult` with the final beams sorted from best to worst.
     """
-    if not isinstance(beam_width, int) or beam_width < 1:
-        raise ValueError(f"beam_width must be an int >= 1, got {beam_width!r}")
+    beam_width = check_beam_width(beam_width)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if prefix.ndim != 1 or len(prefix) < 1:

@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import runtime
+
 LN2 = math.log(2.0)
 
 
@@ -68,12 +70,26 @@ class CharVocab:
                 f"read the {self.size} characters of its training corpus") from None
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
-        """Token ids (any shape with one axis, or a list) back to text."""
-        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        try:
-            return "".join(self.chars[i] for i in values)
-        except IndexError:
-            raise ValueError(f"token ids must be in 0..{self.size - 1}") from None
+        """Token ids (a 1-D tensor or array, or a list of ints) back to text.
+
+        Raises:
+            ValueError: for an id outside ``0 .. size - 1`` (a negative id is not counted
+                from the end) or one that is not an integer, naming the vocabulary size.
+        """
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            if ids.ndim != 1:
+                raise ValueError(f"decode takes a 1-D sequence of token ids, got shape {tuple(ids.shape)}; "
+                                 "decode each row of a batch separately")
+            ids = ids.tolist()
+        values = list(ids)
+        bad = [i for i in values if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))
+               or not 0 <= i < self.size]
+        if bad:
+            shown = ", ".join(map(repr, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"token ids must be ints in 0..{self.size - 1} (this vocabulary has {self.size} "
+                f"characters), got {shown}; were they produced with another vocabulary?")
+        return "".join(self.chars[i] for i in values)
 
 
 # ------------------------------------------------------------------------ corpora
@@ -242,18 +258,19 @@ class NGramConfig:
     order: int = 3                   # n; 1 is a unigram model (no context)
     smoothing: str = "kneser-ney"    # "kneser-ney" (interpolated) or "additive"
     alpha: float = 1.0               # additive pseudo-count per character (1 = Laplace)
-    discount: float | None = None    # Kneser-Ney discount in (0, 1]; None: n1 / (n1 + 2 n2) per order
+    discount: float | None = None    # Kneser-Ney discount δ in (0, 1]; None: n1 / (n1 + 2 n2) per order
 
     def __post_init__(self) -> None:
-        if not isinstance(self.order, int) or self.order < 1:
-            raise ValueError(f"order must be an int >= 1, got {self.order!r}")
-        if self.smoothing not in ("kneser-ney", "additive"):
-            raise ValueError(f"smoothing must be 'kneser-ney' or 'additive', got {self.smoothing!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 (a zero pseudo-count gives unseen text "
-                             f"probability 0), got {self.alpha}")
-        if self.discount is not None and not 0.0 < self.discount <= 1.0:
-            raise ValueError(f"discount must be in (0, 1], got {self.discount}")
+        # alpha > 0: a zero pseudo-count would give unseen text probability 0
+        runtime.check_fields(self, positive_ints=("order",), positive_floats=("alpha",),
+                             choices={"smoothing": ("kneser-ney", "additive")})
+        if self.discount is not None:
+            d = self.discount
+            if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, float, np.integer, np.floating)) \
+                    or not 0.0 < d <= 1.0:
+                raise ValueError(f"NGramConfig.discount must be a number in (0, 1] or None (estimated "
+                                 f"from the counts), got {d!r}")
+            object.__setattr__(self, "discount", float(d))
 
 
 class _Table:
@@ -275,29 +292,36 @@ class _Table:
 class NGramModel:
     r"""A count-based character n-gram model.
 
-    With ``h`` the ``n - 1`` characters before ``w`` and ``c(.)`` counts in the training
-    text:
+    With ``h`` the ``n - 1`` characters before ``w``, :math:`c(\cdot)` counts in the
+    training text and :math:`|\mathcal V|` the vocabulary size (``vocab_size``):
 
     * **additive** (Lidstone; Laplace for ``alpha = 1``):
-      :math:`p(w \mid h) = \frac{c(h w) + \alpha}{c(h) + \alpha V}`, with
+      :math:`p(w \mid h) = \frac{c(h w) + \alpha}{c(h) + \alpha |\mathcal V|}`, with
       :math:`c(h) = \sum_{w'} c(h w')`. Unseen contexts get the uniform distribution.
-    * **interpolated Kneser-Ney** (Chen and Goodman's formulation, one discount per order):
+    * **interpolated Kneser-Ney** (Chen and Goodman's formulation, one discount
+      :math:`\delta_k` per order :math:`k`):
 
-      .. math:: p_k(w \mid h) = \frac{\max(c_k(h w) - D_k, 0)}{\sum_{w'} c_k(h w')}
-                + \frac{D_k\, N_{1+}(h\,\bullet)}{\sum_{w'} c_k(h w')}\, p_{k-1}(w \mid h')
+      .. math:: p_k(w \mid h) = \frac{\max(c_k(h w) - \delta_k, 0)}{\sum_{w'} c_k(h w')}
+                + \frac{\delta_k\, N_{1+}(h\,\bullet)}{\sum_{w'} c_k(h w')}\, p_{k-1}(w \mid h')
 
       where :math:`h'` drops the oldest character of :math:`h`, :math:`N_{1+}(h\,\bullet)`
-      is the number of distinct characters seen after :math:`h`, and :math:`c_k` is the
-      raw count at the highest order but the *continuation count*
-      :math:`N_{1+}(\bullet\, h w)` (the number of distinct characters seen before
-      :math:`h w`) at lower orders. The recursion ends in the uniform distribution
-      :math:`1/V`, so every character has non-zero probability; a context never seen at
-      order ``k`` uses :math:`p_{k-1}` directly. Each :math:`p_k(\cdot \mid h)` sums to 1.
-      Default discounts: :math:`D_k = n_1 / (n_1 + 2 n_2)` from the numbers of ``k``-grams
-      counted once and twice.
+      is the number of distinct characters :math:`w'` with :math:`c_k(h w') > 0`, and
+      :math:`c_k` is the raw count at the highest order :math:`k = n` but the
+      *continuation count* :math:`N_{1+}(\bullet\, h w)` at lower orders: the number of
+      distinct characters seen right before :math:`h w` anywhere in the training text. The
+      recursion ends in the uniform distribution :math:`p_0 = 1/|\mathcal V|`, so every
+      character has non-zero probability; a context with no counts at order ``k`` uses
+      :math:`p_{k-1}` directly. Each :math:`p_k(\cdot \mid h)` sums to 1. Default
+      discounts: :math:`\delta_k = n_1 / (n_1 + 2 n_2)`, with :math:`n_1` and :math:`n_2`
+      the numbers of ``k``-grams whose :math:`c_k` is 1 and 2 (0.5 if there are none),
+      clipped to ``[0.001, 1]``; ``NGramConfig.discount`` sets one value for every order.
+
+    Interpolation always mixes in the lower orders, also for a familiar context; a
+    *back-off* model would consult them only for unseen continuations.
 
     At the start of a text, where fewer than ``n - 1`` characters precede a position, the
-    model uses the longest context available.
+    model uses the longest context available: the same :math:`p_k` with :math:`k - 1`
+    characters of context. The training text is not padded.
     """
 
     def __init__(self, config: NGramConfig, vocab_size: int):
@@ -317,7 +341,7 @@ class NGramModel:
 
     # -- fitting
     def fit(self, ids: torch.Tensor | np.ndarray) -> "NGramModel":
-        """Count the n-grams of a ``(N,)`` stream of token ids in ``0..V-1``."""
+        """Count the n-grams of a ``(N,)`` stream of token ids in ``0 .. |𝒱| - 1``."""
         x = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
         if x.ndim != 1 or len(x) < self.config.order:
             raise ValueError(f"need a 1-D stream of at least {self.config.order} tokens, got shape {x.shape}")
@@ -330,9 +354,11 @@ class NGramModel:
         uniq: list[np.ndarray] = [np.empty(0, np.int64)] * n
         counts: list[np.ndarray] = [np.empty(0, np.int64)] * n
         kn = self.config.smoothing == "kneser-ney"
-        for k in range(n, 0, -1):
-            if kn and k < n:                          # continuation counts N1+(. h w)
-                uniq[k - 1], counts[k - 1] = np.unique(uniq[k] % V ** k, return_counts=True)
+        for k in range(1, n + 1):
+            if kn and k < n:
+                # continuation counts N1+(. h w): each distinct (k+1)-gram anywhere in the
+                # stream counts once for the k-gram it ends with
+                uniq[k - 1], counts[k - 1] = np.unique(np.unique(keys[k]) % V ** k, return_counts=True)
             else:
                 uniq[k - 1], counts[k - 1] = np.unique(keys[k - 1], return_counts=True)
         self.tables, self.contexts, self.discounts = [], [], []
@@ -411,10 +437,13 @@ class NGramModel:
         return float(-self.log_probs(ids).mean())
 
     def next_probs(self, context: Sequence[int] | torch.Tensor) -> np.ndarray:
-        """The distribution ``(V,)`` of the next token after ``context`` (its last
+        """The distribution ``(|𝒱|,)`` of the next token after ``context`` (its last
         ``n - 1`` tokens are used)."""
         ctx = np.asarray(context.cpu() if isinstance(context, torch.Tensor) else list(context),
                          dtype=np.int64)
+        if ctx.ndim != 1 or (len(ctx) and (ctx.min() < 0 or ctx.max() >= self.V)):
+            raise ValueError(f"context must be a 1-D sequence of token ids in 0..{self.V - 1} "
+                             f"(the model has {self.V} tokens), got {ctx.tolist()}")
         w = self.config.order - 1
         row = np.full(w, -1, np.int64)
         if w and len(ctx):
@@ -431,7 +460,11 @@ class NGramModel:
         from . import sampling
 
         sampling.check_temperature(temperature)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         out = list(prompt)
+        self.next_probs(out)                               # checks the prompt's token ids
         stop = list(stop or [])
         for _ in range(max_new_tokens):
             logits = torch.from_numpy(np.log(self.next_probs(out)))

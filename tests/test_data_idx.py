@@ -3,6 +3,8 @@
 import dataclasses
 import gzip
 import hashlib
+import re
+from pathlib import PurePosixPath
 
 import numpy as np
 import pytest
@@ -84,7 +86,33 @@ def test_fashion_mnist_registry_entry_is_complete():
     entry = data.REMOTE_DATASETS["fashion_mnist"]
     names = {entry.filename.split("/")[-1]} | {f.split("/")[-1] for _, _, f in entry.extra_files}
     assert names == {name for pair in data.IDX_FILES.values() for name in pair}
-    for url, sha256, filename in [(entry.url, entry.sha256, entry.filename), *entry.extra_files]:
-        assert url.startswith("https://") and url.endswith(filename.split("/")[-1])
-        assert len(sha256) == 64 and int(sha256, 16) >= 0
     assert len(data.FASHION_MNIST_CLASSES) == 10
+
+
+@pytest.mark.parametrize("name", sorted(data.REMOTE_DATASETS))
+def test_registry_checksums_can_match_and_files_land_where_the_reader_looks(name):
+    entry = data.REMOTE_DATASETS[name]
+    files = [(entry.url, entry.sha256, entry.filename), *entry.extra_files]
+    for url, sha256, filename in files:
+        assert url.startswith("https://") and url.endswith("/" + PurePosixPath(filename).name)
+        # sha256_of returns 64 lowercase hex digits: any other string can never match, and
+        # every download would fail with a ChecksumError
+        assert re.fullmatch(r"[0-9a-f]{64}", sha256), (filename, sha256)
+        # the reader is given the main file's path and reads its neighbours from that folder
+        assert PurePosixPath(filename).parent == PurePosixPath(entry.filename).parent
+    assert len({sha256 for _, sha256, _ in files}) == len(files)      # no checksum pasted twice
+    assert len({filename for _, _, filename in files}) == len(files)
+
+
+def test_registry_checks_fail_on_a_broken_entry():
+    """The checks above do catch the mistakes they are written for."""
+    entry = data.REMOTE_DATASETS["fashion_mnist"]
+    (url, sha256, filename), *rest = entry.extra_files
+    broken = [dataclasses.replace(entry, sha256=entry.sha256.upper()),
+              dataclasses.replace(entry, extra_files=((url, entry.sha256, filename), *rest)),
+              dataclasses.replace(entry, extra_files=((url, sha256, "elsewhere/" + filename), *rest))]
+    for bad in broken:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(data.REMOTE_DATASETS, "fashion_mnist", bad)
+            with pytest.raises(AssertionError):
+                test_registry_checksums_can_match_and_files_land_where_the_reader_looks("fashion_mnist")

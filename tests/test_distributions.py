@@ -69,6 +69,25 @@ def test_mixture_density_integrates_to_one_and_samples_match():
     assert abs(float(s.mean()) - mean) < 0.05
 
 
+def test_mixture_config_is_validated_and_initialisation_depends_only_on_the_seed():
+    for kwargs, field in [({"n_components": 0}, "n_components"), ({"n_components": True}, "n_components"),
+                          ({"init_spread": -1.0}, "init_spread"), ({"seed": -1}, "seed"),
+                          ({"init_log_sigma": float("nan")}, "init_log_sigma")]:
+        with pytest.raises(ValueError, match=f"MixtureConfig.{field}"):
+            D.MixtureConfig(**kwargs)
+    before = torch.random.get_rng_state()
+    a = D.GaussianMixture1d(D.MixtureConfig(seed=3))
+    torch.manual_seed(12345)                               # the global RNG plays no part
+    b = D.GaussianMixture1d(D.MixtureConfig(seed=3))
+    c = D.GaussianMixture1d(D.MixtureConfig(seed=4))
+    assert torch.equal(a.mu, b.mu) and not torch.equal(a.mu, c.mu)
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    D.GaussianMixture1d(D.MixtureConfig(seed=3))
+    assert torch.equal(torch.random.get_rng_state(), state)          # and is left untouched
+    torch.random.set_rng_state(before)
+
+
 def test_gradient_maximum_likelihood_reaches_em():
     g = torch.Generator().manual_seed(1)
     x = torch.cat([torch.randn(600, generator=g) * 0.5 - 2, torch.randn(400, generator=g) * 0.8 + 1.5])

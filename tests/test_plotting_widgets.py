@@ -28,6 +28,23 @@ def test_image_grid_and_history_return_figures():
         plotting.image_grid(torch.rand(3, 8, 8))
 
 
+def test_history_legends_and_axis_labels_in_words():
+    h = training.History()
+    for s in range(1, 20):
+        h.log(s, {"loss_d": 1 / s, "loss_g": s, "d_real": 0.5})
+    fig = plotting.plot_history(h, panels=[["loss_d", "loss_g"], ["d_real"]],
+                                labels={"loss_d": "discriminator loss", "loss_g": "generator loss"},
+                                ylabel=["loss (nats)", "D(x) on real images"])
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["discriminator loss", "generator loss"]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["d_real"]      # no label given
+    assert (left.get_xlabel(), left.get_ylabel(), right.get_ylabel()) == \
+        ("training step", "loss (nats)", "D(x) on real images")
+    assert plotting.plot_history(h, keys=["loss_g"], ylabel="nats").axes[0].get_ylabel() == "nats"
+    with pytest.raises(ValueError, match="ylabel"):
+        plotting.plot_history(h, panels=[["loss_d"], ["loss_g"]], ylabel=["only one"])
+
+
 def test_smoothing_is_a_running_mean():
     values = np.array([1.0, 3.0, 5.0, 7.0])
     np.testing.assert_allclose(plotting._smooth(values, 2), [1.0, 2.0, 4.0, 6.0])
