@@ -9,20 +9,30 @@
   what fraction of samples is close to some mode.
 * :func:`mean_images`, :func:`blurred_noise`: trivial baselines to put a distance in
   context, and :func:`frechet_distances` to score several image sets against one reference.
+* :func:`frechet_protocol`: THE Fréchet protocol of the book. Every chapter that reports a
+  Fréchet distance calls it, so numbers from different chapters are on one scale (same
+  sample size, same reference set, same features, same floor and baselines).
+* Memorisation: :func:`nearest_neighbours` and :func:`memorisation_check` for images (how
+  close do samples come to the training set, compared with held-out real images?);
+  :func:`longest_shared_substring` and :func:`tune_memorisation` for text.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import training
+from . import runtime, training
 
 
 # ------------------------------------------------------------------- Fréchet distance
@@ -40,6 +50,39 @@ def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
 
 
+def _check_gaussian(mu: torch.Tensor, cov: torch.Tensor, mu_name: str, cov_name: str) -> None:
+    """A mean ``(D,)`` and a covariance ``(D, D)`` that is symmetric and positive
+    semi-definite, up to rounding: a relative tolerance of the square root of the machine
+    epsilon of ``cov``'s dtype (1.5e-8 in float64, 3.5e-4 in float32)."""
+    if mu.ndim != 1:
+        raise ValueError(f"{mu_name} must be a mean vector of shape (D,), got shape {tuple(mu.shape)}")
+    d = len(mu)
+    if cov.shape != (d, d):
+        raise ValueError(f"{cov_name} must be a covariance of shape (D, D) = ({d}, {d}) to match "
+                         f"{mu_name}, got shape {tuple(cov.shape)}")
+    for name, t in ((mu_name, mu), (cov_name, cov)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values; check the features it was "
+                             "computed from")
+    eps = torch.finfo(cov.dtype).eps if cov.dtype.is_floating_point else torch.finfo(torch.float64).eps
+    tol = math.sqrt(eps)
+    c = cov.to(torch.float64)
+    scale = float(c.abs().max()) if d else 0.0
+    asym = float((c - c.T).abs().max()) if d else 0.0
+    if asym > tol * scale:
+        raise ValueError(f"{cov_name} is not symmetric (largest |C - C^T| entry {asym:.3g}, largest "
+                         f"|C| entry {scale:.3g}); a covariance matrix is symmetric: estimate it "
+                         "with gaussian_stats or torch.cov")
+    if d:
+        values = torch.linalg.eigvalsh(c)
+        lo, hi = float(values[0]), float(values.abs().max())
+        if lo < -tol * hi:
+            raise ValueError(f"{cov_name} is not positive semi-definite: its smallest eigenvalue is "
+                             f"{lo:.3g} (largest magnitude {hi:.3g}), and a covariance has none below "
+                             "0; estimate it with gaussian_stats or torch.cov, not as a difference "
+                             "or a hand-made matrix")
+
+
 def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
     r"""Fréchet (2-Wasserstein squared) distance between two Gaussians:
 
@@ -48,7 +91,18 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 
     The trace of the cross term is computed from the eigenvalues of the symmetric matrix
     :math:`\Sigma_1^{1/2}\Sigma_2\Sigma_1^{1/2}`, which equal those of :math:`\Sigma_1\Sigma_2`.
+
+    Raises:
+        ValueError: when a mean is not ``(D,)``, a covariance is not ``(D, D)`` with the same
+            ``D``, or a covariance is not symmetric positive semi-definite (beyond rounding):
+            the formula assumes both, and would otherwise return a meaningless, possibly
+            negative, number.
     """
+    _check_gaussian(mu1, cov1, "mu1", "cov1")
+    _check_gaussian(mu2, cov2, "mu2", "cov2")
+    if len(mu1) != len(mu2):
+        raise ValueError(f"the two Gaussians live in different dimensions: mu1 has {len(mu1)}, "
+                         f"mu2 has {len(mu2)}; compute both from the same feature layer")
     mu1, mu2, cov1, cov2 = (t.to(torch.float64) for t in (mu1, mu2, cov1, cov2))
     root1 = _sqrtm_psd(cov1)
     cross = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp(min=0).sqrt().sum()
@@ -73,7 +127,12 @@ class ClassifierConfig:
     lr: float = 1e-3
     steps: int = 1500
     batch_size: int = 128
-    seed: int = 0
+    seed: int = 0           # initial weights and minibatch order
+
+    def __post_init__(self):
+        runtime.check_fields(self, positive_ints=("channels", "width", "feature_dim", "n_classes",
+                                                  "steps", "batch_size"),
+                             nonneg_ints=("seed",), positive_floats=("lr",))
 
 
 class DigitClassifier(nn.Module):
@@ -92,6 +151,11 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(config.feature_dim, config.n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config.channels
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, 28, 28):
+            raise ValueError(f"the feature classifier takes images of shape (B, {c}, 28, 28), got "
+                             f"{tuple(x.shape)}; it is built for 28x28 datasets (mnist5k, mnist, "
+                             "fashion_mnist)")
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,16 +167,17 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor,
                      cache: str | Path | None = None, progress: bool = False) -> DigitClassifier:
     """Train the feature classifier on ``images`` in ``[0, 1]``, or load it from ``cache``.
 
-    A cached checkpoint is used only if it was trained with the same config.
+    A cached checkpoint is used only if it was trained with the same config. The initial
+    weights come from ``config.seed`` through :func:`runtime.seeded`, and the minibatch order
+    from ``config.seed`` too, so the global random number generator is left untouched.
     """
-    if cache is not None and Path(cache).is_file():
+    with runtime.seeded(config.seed):       # building draws initial weights: not from the global RNG
         model = DigitClassifier(config)
+    if cache is not None and Path(cache).is_file():
         stored = training.load_checkpoint(cache, config_type=ClassifierConfig).config
         if stored == config:
             training.load_checkpoint(cache, {"model": model})
             return model.eval()
-    torch.manual_seed(config.seed)
-    model = DigitClassifier(config)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     def step(batch):
@@ -150,37 +215,76 @@ def feature_classifier(dataset: str = "mnist5k", config: ClassifierConfig = Clas
 @torch.no_grad()
 def classifier_outputs(model: DigitClassifier, images: torch.Tensor, batch_size: int = 500
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features ``(N, feature_dim)`` and predicted labels ``(N,)`` of images in ``[0, 1]``."""
+    """Features ``(N, feature_dim)`` and predicted labels ``(N,)`` of images in ``[0, 1]``, on
+    the CPU (the images are moved to the model's device chunk by chunk)."""
     model.eval()
+    device = next(model.parameters()).device
     feats, preds = [], []
     for chunk in images.split(batch_size):
-        f = model.features(chunk)
-        feats.append(f)
-        preds.append(model.head(f).argmax(1))
+        f = model.features(chunk.to(device, torch.float32))
+        feats.append(f.cpu())
+        preds.append(model.head(f).argmax(1).cpu())
     return torch.cat(feats), torch.cat(preds)
 
 
 # ------------------------------------------------------------------- mode coverage
 
+def _high_quality_counts(samples: torch.Tensor, centers: torch.Tensor, std: float,
+                         threshold: float) -> torch.Tensor:
+    """``(K,)`` number of high-quality samples nearest to each centre."""
+    if samples.ndim != 2 or centers.ndim != 2 or samples.shape[1] != centers.shape[1]:
+        raise ValueError(f"samples (N, d) and centers (K, d) must be 2-D with the same d, got "
+                         f"{tuple(samples.shape)} and {tuple(centers.shape)}")
+    if len(samples) == 0:
+        raise ValueError("samples is empty: draw at least one sample")
+    if not std > 0 or not threshold > 0:
+        raise ValueError(f"std and threshold must be positive, got std={std}, threshold={threshold}")
+    dist = torch.cdist(samples.detach().cpu().to(centers.dtype), centers.cpu())   # (N, K)
+    nearest_dist, nearest = dist.min(dim=1)
+    good = nearest_dist <= threshold * std
+    return torch.bincount(nearest[good], minlength=len(centers))
+
+
+def mode_shares(samples: torch.Tensor, centers: torch.Tensor, std: float,
+                threshold: float = 3.0) -> torch.Tensor:
+    r"""The share of all samples that are high quality at each mode, shape ``(K,)``.
+
+    A sample :math:`x` is assigned to its nearest centre :math:`c_k`, and is *high quality*
+    when :math:`\|x - c_k\| \le` ``threshold * std``. Entry :math:`k` is the number of
+    high-quality samples assigned to mode :math:`k`, divided by the number of samples ``N``,
+    so the entries sum to the high-quality fraction (at most 1); a perfect sampler of an
+    equal mixture gives about :math:`1/K` each.
+
+    Args:
+        samples: ``(N, d)`` points.
+        centers: ``(K, d)`` centres of the mixture's components.
+        std: the components' standard deviation.
+    """
+    return _high_quality_counts(samples, centers, std, threshold).double() / len(samples)
+
+
 def mode_coverage(samples: torch.Tensor, centers: torch.Tensor, std: float,
-                  threshold: float = 3.0, min_count: int | None = None) -> dict[str, float]:
-    """How well 2-D samples cover the modes of a mixture of isotropic Gaussians.
+                  threshold: float = 3.0, min_count: int | None = None) -> dict:
+    """How well samples cover the modes of a mixture of isotropic Gaussians.
 
     A sample is *high quality* when it lies within ``threshold * std`` of its nearest
     centre; a mode is *covered* when at least ``min_count`` high-quality samples are nearest
     to it (default: 1% of the samples, at least 1).
 
-    Returns ``modes_covered`` (a count), ``high_quality`` (a fraction) and ``n_modes``.
+    Returns:
+        ``modes_covered`` (a count), ``high_quality`` (a fraction), ``n_modes``, and for a
+        bar chart ``shares`` (the :func:`mode_shares`, a ``(K,)`` tensor) and ``min_share``
+        (``min_count / N``, the share a mode needs to count as covered).
     """
-    dist = torch.cdist(samples.to(centers.dtype), centers)   # (N, K)
-    nearest_dist, nearest = dist.min(dim=1)
-    good = nearest_dist <= threshold * std
-    counts = torch.bincount(nearest[good], minlength=len(centers))
+    counts = _high_quality_counts(samples, centers, std, threshold)
+    n = len(samples)
     if min_count is None:
-        min_count = max(1, math.ceil(0.01 * len(samples)))
+        min_count = max(1, math.ceil(0.01 * n))
     return {"modes_covered": int((counts >= min_count).sum()),
-            "high_quality": float(good.float().mean()),
-            "n_modes": len(centers)}
+            "high_quality": float(counts.sum()) / n,
+            "n_modes": len(centers),
+            "shares": counts.double() / n,
+            "min_share": min_count / n}
 
 
 # ---------------------------------------------------------------- trivial baselines
@@ -243,3 +347,395 @@ def frechet_distances(model: DigitClassifier, reference: torch.Tensor,
     ref_stats = gaussian_stats(ref_features)
     return {name: frechet_distance(*ref_stats, *gaussian_stats(classifier_outputs(model, images)[0]))
             for name, images in candidates.items()}
+
+
+# ------------------------------------------------------------- the book's Fréchet protocol
+
+FLOOR = "floor: training images"
+MEAN_IMAGE = "baseline: mean image"
+BLURRED_NOISE = "baseline: blurred noise"
+PROTOCOL_ROWS = (FLOOR, MEAN_IMAGE, BLURRED_NOISE)
+"""The rows :func:`frechet_protocol` always adds, whatever the candidates."""
+
+FLOOR_SEED = 0   # which training images form the floor
+NOISE_SEED = 1   # the blurred-noise baseline's draw
+
+
+def _load(dataset: str, split: str):
+    from .data import load_dataset
+
+    return load_dataset(dataset, split)
+
+
+def frechet_sample_size(dataset: str = "mnist5k") -> int:
+    """The protocol's ``n``: the size of ``dataset``'s test split (500 for ``mnist5k``,
+    10,000 for ``mnist`` and ``fashion_mnist``). Draw exactly this many samples."""
+    return len(_load(dataset, "test"))
+
+
+def frechet_floor(dataset: str = "mnist5k") -> torch.Tensor:
+    """The protocol's floor set: ``n`` training images, a fixed seeded subset
+    (:data:`FLOOR_SEED`) of ``dataset``'s training split, ``(n, C, H, W)`` in ``[0, 1]``.
+
+    Real images that are not the reference: their distance to the test split is what a
+    perfect model could expect with ``n`` samples. Pass a transformed copy (for instance
+    binarised) as an extra candidate to get the floor of a model of such images.
+    """
+    n = frechet_sample_size(dataset)
+    train = _load(dataset, "train").images
+    if len(train) < n:
+        raise ValueError(f"{dataset}'s training split has {len(train)} images, fewer than the "
+                         f"{n} of its test split: the protocol needs n training images for the floor")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(FLOOR_SEED))[:n]
+    return train[pick]
+
+
+def describe_frechet_protocol(dataset: str = "mnist5k", config: ClassifierConfig = ClassifierConfig()) -> str:
+    """One line that says how :func:`frechet_protocol` measures, for a notebook to print."""
+    n = frechet_sample_size(dataset)
+    which = "the default" if config == ClassifierConfig() else "a non-default"
+    return (f"Fréchet protocol: each set of n = {n:,} images against all {n:,} {dataset} test "
+            f"images, on the {config.feature_dim} features of {which} {dataset} feature "
+            f"classifier; floor: {n:,} training images (seed {FLOOR_SEED}); baselines: the mean "
+            f"training image and blurred noise (seed {NOISE_SEED})")
+
+
+def _check_candidate(name: str, images: torch.Tensor, n: int, image_shape: tuple) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != image_shape:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        c, h, w = image_shape
+        raise ValueError(f"candidates[{name!r}] must be images of shape (n, {c}, {h}, {w}), got {shape}")
+    if len(images) != n:
+        raise ValueError(f"candidates[{name!r}] has {len(images)} images, but the protocol compares "
+                         f"sets of exactly n = {n} images (the size of the test split): draw {n} "
+                         "samples (metrics.frechet_sample_size(dataset) gives n)")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"candidates[{name!r}] contains NaN or infinite pixels")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"candidates[{name!r}] has pixels in [{lo:.3g}, {hi:.3g}], but the protocol "
+                         "takes images in [0, 1]; map a tanh generator's output with "
+                         "gan.from_tanh_range first")
+
+
+def frechet_protocol(dataset: str, candidates: Mapping[str, torch.Tensor], *,
+                     config: ClassifierConfig = ClassifierConfig(), progress: bool = False
+                     ) -> dict[str, float]:
+    r"""The book's one Fréchet protocol: distances of image sets to ``dataset``'s test split.
+
+    Every chapter that reports a Fréchet distance calls this, so its numbers are on one
+    scale. Everything that changes a Fréchet distance is fixed here:
+
+    * **reference**: all ``n`` images of the test split (``n`` = :func:`frechet_sample_size`);
+    * **sample size**: every candidate has exactly ``n`` images. The estimate from ``n``
+      samples is biased upwards by an amount that shrinks like :math:`1/n` (the mean term
+      alone: :math:`\mathbb E\|\hat\mu_1 - \hat\mu_2\|^2 = \|\mu_1 - \mu_2\|^2 +
+      \operatorname{Tr}\Sigma_1/n_1 + \operatorname{Tr}\Sigma_2/n_2`), so only distances
+      at the same ``n`` can be compared;
+    * **features**: the penultimate layer of :func:`feature_classifier` for ``dataset``
+      and ``config`` (trained once, cached);
+    * **floor and baselines**, computed identically on every call and always included:
+      :data:`FLOOR` (:func:`frechet_floor`, ``n`` real training images: what a perfect
+      model could expect), :data:`MEAN_IMAGE` (``n`` copies of the mean training image)
+      and :data:`BLURRED_NOISE` (:func:`blurred_noise` with the training pixels'
+      statistics, seed :data:`NOISE_SEED`).
+
+    Args:
+        dataset: a 28x28 image dataset (``"mnist5k"``, ``"mnist"``, ``"fashion_mnist"``).
+        candidates: ``{name: (n, C, H, W) images in [0, 1]}``, e.g. a model's samples.
+            Extra real-image sets are fine too (say the binarised floor images, for a model
+            of binary images), as long as each has ``n`` images.
+        config: the feature classifier's config; compare numbers only between calls with
+            the same config (:func:`describe_frechet_protocol` prints which).
+
+    Returns:
+        ``{name: distance}``: the floor first, then the candidates in their order, then the
+        two baselines. Lower is better.
+    """
+    test = _load(dataset, "test").images
+    n, image_shape = len(test), tuple(test.shape[1:])
+    clash = sorted(set(candidates) & set(PROTOCOL_ROWS))
+    if clash:
+        raise ValueError(f"candidate names {clash} are reserved for the protocol's own rows; rename them")
+    for name, images in candidates.items():
+        _check_candidate(name, images, n, image_shape)
+    train = _load(dataset, "train").images
+    model = feature_classifier(dataset, config, progress=progress)
+    sets = {FLOOR: frechet_floor(dataset), **candidates,
+            MEAN_IMAGE: mean_images(train, n),
+            BLURRED_NOISE: blurred_noise(train, n, generator=torch.Generator().manual_seed(NOISE_SEED))}
+    return frechet_distances(model, test, sets)
+
+
+# ------------------------------------------------------------ memorisation: images
+
+def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, *, batch_size: int = 256
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Exact nearest neighbour in ``reference`` of each query, in pixel L2 distance.
+
+    Images are flattened, so :math:`d(x, y) = \|x - y\|_2` over all pixels. The squared
+    distances are computed in float64 as :math:`\|x\|^2 + \|y\|^2 - 2\,x \cdot y`, one batch
+    of ``batch_size`` queries at a time (memory ``batch_size x len(reference)``).
+
+    Args:
+        queries: ``(N, ...)``, e.g. ``(N, C, H, W)`` images.
+        reference: ``(M, ...)`` with the same trailing shape.
+
+    Returns:
+        ``distances`` ``(N,)`` float64 and ``indices`` ``(N,)`` int64 into ``reference``
+        (the first one on a tie).
+    """
+    if queries.shape[1:] != reference.shape[1:] or queries.ndim < 2:
+        raise ValueError(f"queries (N, ...) and reference (M, ...) must have the same item shape, got "
+                         f"{tuple(queries.shape)} and {tuple(reference.shape)}")
+    if len(reference) == 0:
+        raise ValueError("reference is empty: pass at least one reference image")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    ref = reference.detach().cpu().flatten(1).to(torch.float64)
+    ref_sq = (ref**2).sum(1)
+    distances, indices = [], []
+    for chunk in queries.detach().cpu().flatten(1).to(torch.float64).split(batch_size):
+        sq = (chunk**2).sum(1, keepdim=True) + ref_sq - 2 * chunk @ ref.T   # (B, M)
+        best, idx = sq.min(dim=1)
+        distances.append(best.clamp(min=0).sqrt())
+        indices.append(idx)
+    if not distances:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def _equal_subsets(a: int, b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of ``n = min(a, b)`` items of each of two sets: everything of the smaller,
+    a seeded random subset of the larger."""
+    n = min(a, b)
+    g = torch.Generator().manual_seed(seed)
+    pick = [torch.arange(m) if m == n else torch.randperm(m, generator=g)[:n] for m in (a, b)]
+    return pick[0], pick[1]
+
+
+def _distance_summary(distances: torch.Tensor, which: torch.Tensor, neighbour: torch.Tensor) -> dict:
+    order = distances.argsort(stable=True)
+    return {"min": float(distances.min()),
+            "p01": float(torch.quantile(distances, 0.01)),
+            "median": float(distances.median()),
+            "distances": distances[order],      # ascending
+            "which": which[order],              # index into the input set
+            "neighbour": neighbour[order]}      # index of the nearest training image
+
+
+def memorisation_check(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor, *,
+                       seed: int = 0, batch_size: int = 256) -> dict:
+    """Do samples come closer to the training set than real images the model never saw?
+
+    For each sample, the pixel-L2 distance to its nearest training image
+    (:func:`nearest_neighbours`); the same for as many held-out real images (a seeded
+    random subset of the larger set, so both groups have ``n`` images: the minimum of more
+    distances is smaller, so only equal ``n`` compare).
+
+    How to read it: copying shows in the **minimum**, not the mean or median. A model that
+    reproduces a few training images produces samples at (nearly) distance 0 from them,
+    while its other samples keep the median high. So compare the samples' minimum and 1st
+    percentile with the held-out ones'. If samples and held-out images came from the same
+    distribution, the smallest of all 2n distances would be in either group with equal
+    chance and only a few samples would fall below the held-out minimum; a sample minimum
+    far below the held-out minimum (near 0), or many samples below it
+    (``samples_below_held_out_min``), points to copies. Look at the closest pairs
+    (``which``/``neighbour``, closest first) before calling them copies. Samples that are
+    all *farther* from the training set than held-out images show no copying (they may
+    simply be worse images).
+
+    Args:
+        samples: ``(N, C, H, W)`` generated images in the range of ``train``.
+        train: ``(M, C, H, W)`` the training images.
+        held_out: ``(K, C, H, W)`` real images not used for training (the test split).
+
+    Returns:
+        ``n``; ``samples`` and ``held_out``, each a dict with ``min``, ``p01`` (1st
+        percentile) and ``median`` distance, and the tensors ``distances`` (ascending),
+        ``which`` (index into the input) and ``neighbour`` (index into ``train``) in that
+        order; ``samples_below_held_out_min``, the number of samples closer to the
+        training set than the closest held-out image.
+    """
+    if samples.shape[1:] != train.shape[1:] or held_out.shape[1:] != train.shape[1:]:
+        raise ValueError(f"samples, train and held_out must have the same image shape, got "
+                         f"{tuple(samples.shape)}, {tuple(train.shape)} and {tuple(held_out.shape)}")
+    if len(samples) == 0 or len(held_out) == 0:
+        raise ValueError(f"samples and held_out must be non-empty, got {len(samples)} and {len(held_out)}")
+    pick_s, pick_h = _equal_subsets(len(samples), len(held_out), seed)
+    out = {"n": len(pick_s)}
+    for name, images, pick in (("samples", samples, pick_s), ("held_out", held_out, pick_h)):
+        d, idx = nearest_neighbours(images[pick], train, batch_size=batch_size)
+        out[name] = _distance_summary(d, pick, idx)
+    out["samples_below_held_out_min"] = int((out["samples"]["distances"] < out["held_out"]["min"]).sum())
+    return out
+
+
+def memorisation_report(result: Mapping) -> str:
+    """A small table of a :func:`memorisation_check` or :func:`tune_memorisation` result."""
+    if "generated" in result:      # tunes: longest shared substring, in characters
+        title, stats, groups = "longest substring shared with one training text (characters)", \
+            ("min", "median", "max"), ("generated", "held_out")
+    else:                          # images: nearest-training-neighbour distance
+        title, stats, groups = "distance to the nearest training image (pixel L2)", \
+            ("min", "p01", "median"), ("samples", "held_out")
+    lines = [f"{title}, n = {result['n']} per group",
+             f"  {'':10s}" + "".join(f"{s:>9s}" for s in stats)]
+    for g in groups:
+        lines.append(f"  {g:10s}" + "".join(f"{result[g][s]:9.2f}" for s in stats))
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------- memorisation: text
+
+class _SubstringIndex:
+    r"""A suffix array of a corpus of texts, for longest-shared-substring queries.
+
+    The texts are joined with a separator ``\0`` that no text contains, and all suffixes of
+    the joined string are sorted (prefix doubling: sort by the first ``k`` characters, then
+    by ``2k`` using the ranks of the two halves, until every rank is distinct; ``O(L log L)``
+    numpy sorts for ``L`` characters). The longest prefix of a pattern ``P`` that occurs in
+    the corpus is then shared with one of the two suffixes next to where ``P`` would be
+    inserted in sorted order (binary search). A match can never run over a separator,
+    since ``P`` contains none, so it never spans two texts.
+    """
+
+    SEP = "\0"
+
+    def __init__(self, texts: tuple[str, ...]):
+        if not texts:
+            raise ValueError("corpus_texts is empty: pass the training texts")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"corpus_texts[{i}] is a {type(t).__name__}, not a str")
+            if self.SEP in t:
+                raise ValueError(f"corpus_texts[{i}] contains the NUL character, which separates texts "
+                                 "in the index; remove it")
+        self.joined = self.SEP.join(texts) + self.SEP
+        self.starts = np.cumsum([0] + [len(t) + 1 for t in texts[:-1]])
+        self.suffixes = memoryview(self._suffix_array(self.joined))
+
+    @staticmethod
+    def _suffix_array(s: str) -> np.ndarray:
+        codes = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)
+        n = len(codes)
+        _, dense = np.unique(codes, return_inverse=True)
+        dense = dense.reshape(-1).astype(np.int64) + 1          # 0 means "past the end"
+        bits = int(dense.max()).bit_length()
+        k = max(1, 62 // bits)                                  # characters packed per key
+        padded = np.concatenate([dense, np.zeros(k, np.int64)])
+        key = np.zeros(n, np.int64)
+        for j in range(k):                                      # the first k characters
+            key = (key << bits) | padded[j:j + n]
+        while True:
+            order = np.argsort(key)
+            sorted_key = key[order]
+            new_group = np.ones(n, dtype=bool)
+            new_group[1:] = sorted_key[1:] != sorted_key[:-1]
+            if new_group.all():
+                return order.astype(np.int64)
+            rank = np.empty(n, np.int64)
+            rank[order] = np.cumsum(new_group)                  # 1, 2, ...: rank of first k chars
+            second = np.zeros(n, np.int64)
+            second[:n - k] = rank[k:]
+            key = rank * (n + 1) + second                       # rank of the first 2k chars
+            k *= 2
+
+    def longest_match(self, text: str) -> tuple[int, int]:
+        """``(length, corpus index)`` of the longest substring of ``text`` in the corpus."""
+        if self.SEP in text:
+            raise ValueError("text contains the NUL character, which no corpus text can match; remove it")
+        joined, suffixes = self.joined, self.suffixes
+        best, where = 0, -1
+        for i in range(len(text)):
+            pattern = text[i:]
+            m = len(pattern)
+            if m <= best:
+                break                               # no later start can beat the best
+            j = bisect.bisect_left(suffixes, pattern, key=lambda p: joined[p:p + m])
+            for neighbour in (j - 1, j):
+                if 0 <= neighbour < len(suffixes):
+                    p = suffixes[neighbour]
+                    length = _common_prefix(pattern, joined[p:p + m])
+                    if length > best:
+                        best, where = length, p
+        if best == 0:
+            return 0, -1
+        return best, int(np.searchsorted(self.starts, where, side="right")) - 1
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings (binary search on slices)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@functools.lru_cache(maxsize=2)
+def _substring_index(texts: tuple[str, ...]) -> _SubstringIndex:
+    return _SubstringIndex(texts)
+
+
+def longest_shared_substring(text: str, corpus_texts: Sequence[str]) -> tuple[int, int]:
+    """The longest substring of ``text`` that occurs inside one of ``corpus_texts``.
+
+    Matches never span two corpus texts (the end of one text followed by the start of the
+    next is not a match). The corpus is indexed once (a suffix array, about a second for
+    2 MB of text) and the index is kept for the next call with the same texts; each query
+    then takes about ``len(text) * log2(corpus size)`` string comparisons.
+
+    Returns:
+        ``(length, index)``: the length of the longest shared substring and the index of a
+        corpus text that contains it; ``(0, -1)`` when not even one character is shared.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _substring_index(tuple(corpus_texts)).longest_match(text)
+
+
+def tune_memorisation(generated: Sequence[str], train_texts: Sequence[str],
+                      held_out: Sequence[str], *, seed: int = 0) -> dict:
+    """Do generated tunes share longer passages with the training text than unseen tunes do?
+
+    For each generated tune, the longest substring it shares with one training text
+    (:func:`longest_shared_substring`), in characters and as a fraction of the tune's
+    length; the same for as many held-out real tunes (a seeded random subset of the
+    larger set, so both groups have ``n`` tunes).
+
+    How to read it: real tunes of one tradition share formulas (the ``M:``/``L:``/``K:``
+    header, cadences, stock phrases), so held-out tunes set the level of sharing that is
+    not copying. A model that copies shows generated tunes whose longest shared substring
+    is far above the held-out maximum, or a fraction near 1 (the whole tune is in the
+    training text). Look at the top ones (``which``, ``index``) before calling it copying.
+
+    Returns:
+        ``n``; ``generated`` and ``held_out``, each with ``lengths`` and ``fractions``
+        (lists, in the order of ``which``, the index into the input), ``index`` (the
+        training text holding each match), ``min``, ``median``, ``max`` of the lengths and
+        ``min_fraction``, ``median_fraction``, ``max_fraction``.
+    """
+    for name, tunes in (("generated", generated), ("held_out", held_out)):
+        if len(tunes) == 0:
+            raise ValueError(f"{name} is empty: pass at least one tune")
+        for i, t in enumerate(tunes):
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"{name}[{i}] must be a non-empty str, got {t!r}")
+    index = _substring_index(tuple(train_texts))
+    pick_g, pick_h = _equal_subsets(len(generated), len(held_out), seed)
+    out = {"n": len(pick_g)}
+    for name, tunes, pick in (("generated", generated, pick_g), ("held_out", held_out, pick_h)):
+        chosen = [tunes[i] for i in pick.tolist()]
+        matches = [index.longest_match(t) for t in chosen]
+        lengths = [m[0] for m in matches]
+        fractions = [m[0] / len(t) for m, t in zip(matches, chosen)]
+        out[name] = {"lengths": lengths, "fractions": fractions, "index": [m[1] for m in matches],
+                     "which": pick.tolist(),
+                     "min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths),
+                     "min_fraction": min(fractions), "median_fraction": float(np.median(fractions)),
+                     "max_fraction": max(fractions)}
+    return out

@@ -1,9 +1,10 @@
 import math
+import random
 
 import pytest
 import torch
 
-from genart_utils import metrics
+from genart_utils import metrics, runtime
 
 
 def test_frechet_distance_matches_closed_form_for_commuting_gaussians():
@@ -37,7 +38,28 @@ def test_mode_coverage_counts_modes_and_quality():
     samples = torch.cat([centers[0] + 0.01 * torch.randn(50, 2), centers[1] + 0.01 * torch.randn(50, 2),
                          torch.full((100, 2), 5.0)])
     out = metrics.mode_coverage(samples, centers, std=0.1)
-    assert out == {"modes_covered": 2, "high_quality": 0.5, "n_modes": 3}
+    assert {k: out[k] for k in ("modes_covered", "high_quality", "n_modes")} == \
+        {"modes_covered": 2, "high_quality": 0.5, "n_modes": 3}
+    assert out["shares"].tolist() == [0.25, 0.25, 0.0] and out["min_share"] == 2 / 200
+
+
+def test_mode_shares_match_a_loop_over_samples():
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(5, 2, generator=g, dtype=torch.float64) * 3
+    samples = torch.randn(400, 2, generator=g, dtype=torch.float64) * 3
+    std, threshold = 0.4, 2.0
+    counts = [0] * len(centers)
+    for x in samples:
+        d = [float(((x - c) ** 2).sum().sqrt()) for c in centers]
+        k = min(range(len(centers)), key=d.__getitem__)
+        counts[k] += d[k] <= threshold * std
+    shares = metrics.mode_shares(samples, centers, std, threshold)
+    assert shares.tolist() == [c / len(samples) for c in counts]
+    cov = metrics.mode_coverage(samples, centers, std, threshold, min_count=3)
+    assert cov["modes_covered"] == sum(c >= 3 for c in counts)
+    assert math.isclose(cov["high_quality"], sum(counts) / len(samples))
+    with pytest.raises(ValueError, match="same d"):
+        metrics.mode_shares(samples, centers[:, :1], std)
 
 
 def test_classifier_learns_and_caches(tmp_path):
@@ -84,12 +106,238 @@ def test_mean_images_and_blurred_noise_baselines():
         metrics.blurred_noise(reference, 3, blur_sigma=0.0)
 
 
-def test_frechet_distances_of_several_sets():
+def test_frechet_distances_match_an_independent_numpy_computation():
+    # The features come straight from the network, the statistics from numpy, and the cross
+    # term from the eigenvalues of the non-symmetric product Sigma1 Sigma2 (Tr (S1 S2)^1/2 is
+    # the sum of their square roots): an independent route to the same formula.
+    import numpy as np
+
     from genart_utils import data
 
-    torch.manual_seed(0)
-    model = metrics.DigitClassifier(metrics.ClassifierConfig(width=4, feature_dim=8))
+    with runtime.seeded(0):
+        model = metrics.DigitClassifier(metrics.ClassifierConfig(width=4, feature_dim=8)).eval()
     test = data.load_mnist5k("test").images
-    out = metrics.frechet_distances(model, test, {"same": test, "mean": metrics.mean_images(test, 50)})
-    assert set(out) == {"same", "mean"}
-    assert abs(out["same"]) < 1e-6 and out["mean"] > 1e-3
+    train = data.load_mnist5k("train").images[:300]
+    sets = {"train": train, "mean": metrics.mean_images(train, 300), "test": test}
+    out = metrics.frechet_distances(model, test, sets)
+    assert list(out) == ["train", "mean", "test"]
+
+    def reference(a, b):
+        with torch.no_grad():
+            fa, fb = model.features(a).double().numpy(), model.features(b).double().numpy()
+        m1, m2 = fa.mean(0), fb.mean(0)
+        c1, c2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+        cross = np.sqrt(np.clip(np.linalg.eigvals(c1 @ c2).real, 0, None)).sum()
+        return float(((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * cross)
+
+    assert math.isclose(out["train"], reference(test, train), rel_tol=1e-5)
+    # n copies of one image have covariance 0, where d^2 = |mu1 - mu2|^2 + Tr(Sigma1).
+    with torch.no_grad():
+        ft, fm = model.features(test).double(), model.features(sets["mean"][:1]).double()[0]
+    closed = float(((ft.mean(0) - fm) ** 2).sum() + torch.cov(ft.T).trace())
+    assert math.isclose(out["mean"], closed, rel_tol=1e-6)
+    assert abs(out["test"]) < 1e-6
+    assert 0 < out["train"] < out["mean"]
+
+
+# ------------------------------------------------------------ bad covariances (review E)
+
+def test_frechet_distance_rejects_a_covariance_that_is_not_psd():
+    mu = torch.zeros(2, dtype=torch.float64)
+    good = torch.eye(2, dtype=torch.float64)
+    bad = torch.diag(torch.tensor([1.0, -0.5], dtype=torch.float64))   # a negative variance
+    with pytest.raises(ValueError, match="cov2 is not positive semi-definite"):
+        metrics.frechet_distance(mu, good, mu, bad)
+    with pytest.raises(ValueError, match="cov1 is not positive semi-definite"):
+        metrics.frechet_distance(mu, bad, mu, good)
+
+
+def test_frechet_distance_rejects_asymmetric_or_mismatched_inputs():
+    mu = torch.zeros(2)
+    with pytest.raises(ValueError, match="cov1 is not symmetric"):
+        metrics.frechet_distance(mu, torch.tensor([[1.0, 0.5], [0.0, 1.0]]), mu, torch.eye(2))
+    with pytest.raises(ValueError, match=r"cov2 must be a covariance of shape \(D, D\) = \(2, 2\)"):
+        metrics.frechet_distance(mu, torch.eye(2), mu, torch.eye(3))
+    with pytest.raises(ValueError, match="different dimensions"):
+        metrics.frechet_distance(mu, torch.eye(2), torch.zeros(3), torch.eye(3))
+    with pytest.raises(ValueError, match="mu1 must be a mean vector"):
+        metrics.frechet_distance(torch.zeros(1, 2), torch.eye(2), mu, torch.eye(2))
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.frechet_distance(mu, torch.full((2, 2), float("nan")), mu, torch.eye(2))
+
+
+def test_frechet_distance_accepts_rank_deficient_covariances():
+    # 5 samples in 20 dimensions give a covariance of rank 4 with eigenvalues ~ -1e-7 in
+    # float32 rounding: still a valid covariance. A shift by 1 in every coordinate with the
+    # same covariance is at exactly |1|^2 * 20 = 20.
+    feats = torch.randn(5, 20, generator=torch.Generator().manual_seed(0))
+    assert abs(metrics.frechet_distance_of(feats, feats)) < 1e-6
+    assert math.isclose(metrics.frechet_distance_of(feats, feats + 1.0), 20.0, rel_tol=1e-6)
+    mu, cov = feats.mean(0), torch.cov(feats.T)          # float32, as a user might pass them
+    assert math.isclose(metrics.frechet_distance(mu, cov, mu + 1.0, cov), 20.0, rel_tol=1e-4)
+
+
+# ------------------------------------------------------- classifier: config and seeding
+
+@pytest.mark.parametrize("field, value", [("width", 0), ("feature_dim", -3), ("steps", 0),
+                                          ("batch_size", 1.5), ("lr", 0.0), ("seed", -1),
+                                          ("n_classes", True)])
+def test_classifier_config_validates_its_fields(field, value):
+    with pytest.raises(ValueError, match=f"ClassifierConfig.{field} must be"):
+        metrics.ClassifierConfig(**{field: value})
+
+
+def test_train_classifier_leaves_the_global_rng_untouched(tmp_path):
+    from genart_utils import data
+
+    ds = data.load_mnist5k("train")
+    cfg = metrics.ClassifierConfig(width=2, feature_dim=4, steps=2, batch_size=16, seed=3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = metrics.train_classifier(ds.images, ds.labels, cfg, cache=tmp_path / "clf.pt")   # trains
+    assert torch.equal(torch.get_rng_state(), before)
+    cached = metrics.train_classifier(ds.images, ds.labels, cfg, cache=tmp_path / "clf.pt")  # loads
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)                          # another global state: the same model
+    second = metrics.train_classifier(ds.images, ds.labels, cfg)
+    for model in (cached, second):
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), model.state_dict().values()))
+
+
+def test_digit_classifier_rejects_images_of_the_wrong_size():
+    model = metrics.DigitClassifier(metrics.ClassifierConfig(width=2, feature_dim=4))
+    with pytest.raises(ValueError, match=r"images of shape \(B, 1, 28, 28\)"):
+        metrics.classifier_outputs(model, torch.rand(3, 1, 32, 32))
+
+
+# ------------------------------------------------------------ the Fréchet protocol
+
+TINY = metrics.ClassifierConfig(width=2, feature_dim=6, steps=3, batch_size=32)
+
+
+def test_frechet_protocol_rows_sizes_and_determinism(tmp_path, monkeypatch):
+    from genart_utils import data
+
+    monkeypatch.setenv("GENART_DATA", str(tmp_path))
+    n = metrics.frechet_sample_size("mnist5k")
+    test, train = data.load_mnist5k("test").images, data.load_mnist5k("train").images
+    assert n == len(test) == 500
+    floor = metrics.frechet_floor("mnist5k")
+    assert floor.shape == (n, 1, 28, 28) and torch.equal(floor, metrics.frechet_floor("mnist5k"))
+    # Every floor image is a training image (distance 0 to it), and they are n distinct ones.
+    d, idx = metrics.nearest_neighbours(floor, train)
+    assert d.max() < 1e-6 and len(set(idx.tolist())) == n
+
+    candidates = {"the test split itself": test, "the floor again": floor}
+    out = metrics.frechet_protocol("mnist5k", candidates, config=TINY)
+    assert list(out) == [metrics.FLOOR, *candidates, metrics.MEAN_IMAGE, metrics.BLURRED_NOISE]
+    assert abs(out["the test split itself"]) < 1e-6
+    assert out["the floor again"] == out[metrics.FLOOR] > 0
+    assert out == metrics.frechet_protocol("mnist5k", candidates, config=TINY)   # same every call
+    only_rows = metrics.frechet_protocol("mnist5k", {}, config=TINY)
+    assert only_rows == {k: out[k] for k in metrics.PROTOCOL_ROWS}
+    line = metrics.describe_frechet_protocol("mnist5k", TINY)
+    assert "n = 500" in line and "non-default" in line and "\n" not in line
+    assert "the default" in metrics.describe_frechet_protocol("mnist5k")
+
+
+def test_frechet_protocol_refuses_candidates_it_cannot_compare(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENART_DATA", str(tmp_path))
+    ok = torch.rand(500, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"candidates\['few'\] has 499 images.*draw 500 samples"):
+        metrics.frechet_protocol("mnist5k", {"few": ok[:499]}, config=TINY)
+    with pytest.raises(ValueError, match="gan.from_tanh_range"):
+        metrics.frechet_protocol("mnist5k", {"tanh": 2 * ok - 1}, config=TINY)
+    with pytest.raises(ValueError, match=r"shape \(n, 1, 28, 28\)"):
+        metrics.frechet_protocol("mnist5k", {"flat": ok.flatten(1)}, config=TINY)
+    with pytest.raises(ValueError, match="reserved"):
+        metrics.frechet_protocol("mnist5k", {metrics.FLOOR: ok}, config=TINY)
+
+
+# ------------------------------------------------------------ memorisation: images
+
+def test_nearest_neighbours_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    queries, reference = torch.rand(23, 1, 5, 5, generator=g), torch.rand(41, 1, 5, 5, generator=g)
+    d, idx = metrics.nearest_neighbours(queries, reference, batch_size=7)   # 7 does not divide 23
+    brute = torch.cdist(queries.flatten(1).double(), reference.flatten(1).double(),
+                        compute_mode="donot_use_mm_for_euclid_dist")
+    torch.testing.assert_close(d, brute.min(1).values, rtol=1e-10, atol=1e-10)
+    assert torch.equal(idx, brute.argmin(1))
+    with pytest.raises(ValueError, match="same item shape"):
+        metrics.nearest_neighbours(queries, reference.flatten(1))
+    with pytest.raises(ValueError, match="batch_size"):
+        metrics.nearest_neighbours(queries, reference, batch_size=0)
+
+
+def test_memorisation_check_finds_copies_in_the_minimum():
+    g = torch.Generator().manual_seed(1)
+    train, held_out = torch.rand(200, 1, 6, 6, generator=g), torch.rand(80, 1, 6, 6, generator=g)
+    fresh = torch.rand(47, 1, 6, 6, generator=g)
+    samples = torch.cat([fresh, train[[5, 17, 90]]])            # 50 samples, 3 of them copies
+    out = metrics.memorisation_check(samples, train, held_out)
+    assert out["n"] == 50 and len(out["held_out"]["which"]) == 50    # 50 of the 80 held out
+    s = out["samples"]
+    assert s["min"] == 0.0 and s["distances"][:3].max() == 0.0
+    assert sorted(s["which"][:3].tolist()) == [47, 48, 49] and sorted(s["neighbour"][:3].tolist()) == [5, 17, 90]
+    assert out["samples_below_held_out_min"] >= 3 and out["held_out"]["min"] > 0
+    # The summaries are the statistics of brute-force distances of the chosen images.
+    h = out["held_out"]
+    brute = torch.cdist(held_out[h["which"]].flatten(1).double(), train.flatten(1).double(),
+                        compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    torch.testing.assert_close(h["distances"], brute)
+    assert math.isclose(h["p01"], float(torch.quantile(brute, 0.01)), rel_tol=1e-9)
+    assert math.isclose(h["median"], float(brute.median()), rel_tol=1e-9)
+    assert "held_out" in metrics.memorisation_report(out)
+
+
+# -------------------------------------------------------------- memorisation: text
+
+def _brute_longest(text, corpus):
+    best = 0
+    for i in range(len(text)):
+        for j in range(i + best + 1, len(text) + 1):
+            if any(text[i:j] in c for c in corpus):
+                best = j - i
+    return best
+
+
+def test_longest_shared_substring_matches_brute_force():
+    rng = random.Random(0)
+    for trial in range(300):
+        alphabet = "ab" if trial % 2 else "abc"
+        corpus = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+                  for _ in range(rng.randint(1, 5))]
+        text = "".join(rng.choice(alphabet + "d") for _ in range(rng.randint(0, 15)))
+        length, index = metrics.longest_shared_substring(text, corpus)
+        assert length == _brute_longest(text, corpus), (text, corpus)
+        if length:
+            assert any(text[i:i + length] in corpus[index] for i in range(len(text) - length + 1))
+        else:
+            assert index == -1
+
+
+def test_longest_shared_substring_never_spans_two_texts():
+    # Joined without a separator the corpus would contain "abcdef"; no single text does.
+    assert metrics.longest_shared_substring("xxabcdefyy", ["zzabc", "defzz"]) == (3, 0)
+    assert metrics.longest_shared_substring("cd", ["abc", "def"])[0] == 1
+    assert metrics.longest_shared_substring("xyz", ["abc"]) == (0, -1)
+    with pytest.raises(ValueError, match="NUL"):
+        metrics.longest_shared_substring("a\0b", ["ab"])
+
+
+def test_tune_memorisation_compares_generated_with_held_out_tunes():
+    rng = random.Random(2)
+    train = ["".join(rng.choice("abcdefg") for _ in range(60)) for _ in range(30)]
+    held_out = ["".join(rng.choice("abcdefg") for _ in range(40)) for _ in range(12)]
+    generated = [train[7][10:50]] + ["".join(rng.choice("abcdefg") for _ in range(40)) for _ in range(9)]
+    out = metrics.tune_memorisation(generated, train, held_out)
+    assert out["n"] == 10 and len(out["held_out"]["lengths"]) == 10
+    g, h = out["generated"], out["held_out"]
+    assert g["max"] == 40 and g["max_fraction"] == 1.0 and g["index"][g["which"].index(0)] == 7
+    for group, tunes in ((g, generated), (h, held_out)):
+        assert group["lengths"] == [_brute_longest(tunes[i], train) for i in group["which"]]
+        assert group["fractions"] == [n / len(tunes[i]) for n, i in zip(group["lengths"], group["which"])]
+    assert h["max"] < 40 and "held_out" in metrics.memorisation_report(out)
+    with pytest.raises(ValueError, match=r"generated\[0\] must be a non-empty str"):
+        metrics.tune_memorisation([""], train, held_out)
