@@ -1,13 +1,21 @@
 # Two commands set everything up: `make test` and `make book` (see README.md).
 # Both create .venv if it is missing and install the pinned versions from constraints.txt.
+# `make test-colab` runs the same tests in a second venv, .venv-colab, with Colab's
+# preinstalled versions (constraints-colab.txt) instead.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NB     ?= notebooks/*.ipynb
+# The unit tests, then every notebook under nbval with the fast `smoke` profile.
+TESTS  := tests notebooks --nbval-lax --nbval-current-env
 
-.PHONY: install test book execute bench constraints clean distclean
+COLAB_VENV  ?= .venv-colab
+COLAB_PY    := $(COLAB_VENV)/bin/python
+COLAB_STAMP := $(COLAB_VENV)/.installed
+
+.PHONY: install install-colab test test-colab book execute bench constraints constraints-colab clean distclean
 
 install: $(STAMP)
 
@@ -21,7 +29,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Unit tests, then every notebook under nbval with the fast `smoke` profile.
 test: install
-	GENART_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+	GENART_PROFILE=smoke $(PY) -m pytest $(TESTS)
+
+# The same tests against Colab's preinstalled versions (IPython 7.34, ipywidgets 7.7, Colab's
+# numpy, matplotlib, ...: constraints-colab.txt) on Python 3.11, the only Python with a CPU
+# build of torch here; torch itself is the pinned CPU build of constraints.txt, installed
+# first and alone as above. pip refuses the install if pyproject.toml asks Colab to upgrade.
+install-colab: $(COLAB_STAMP)
+
+$(COLAB_STAMP): pyproject.toml constraints.txt constraints-colab.txt
+	@test -x $(COLAB_PY) || $(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
+	$(COLAB_PY) -m pip install --quiet --disable-pip-version-check -c constraints-colab.txt -e ".[test]"
+	@touch $(COLAB_STAMP)
+
+# PYDEVD_DISABLE_FILE_VALIDATION: ipykernel 6.17's debugger otherwise warns about
+# frozen modules on every kernel start.
+test-colab: install-colab
+	GENART_PROFILE=smoke PYDEVD_DISABLE_FILE_VALIDATION=1 $(COLAB_PY) -m pytest $(TESTS)
 
 # The static site, from the committed (already executed) notebooks; zero warnings allowed.
 book: install
@@ -41,12 +66,23 @@ bench: install
 
 # Re-pin constraints.txt from the current .venv (after a deliberate upgrade).
 constraints: install
-	@{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^genart-utils' | sed 's/+cpu$$//'; } > constraints.txt.new
+	@{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v 'genart-utils' | sed 's/+cpu$$//'; } > constraints.txt.new
 	@mv constraints.txt.new constraints.txt
+
+# Re-resolve the second section of constraints-colab.txt in a fresh .venv-colab, after an
+# edit of its first section (Colab's own list, which is kept as it is).
+constraints-colab:
+	rm -rf $(COLAB_VENV)
+	$(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_PY) .ci/colab_constraints.py head > $(COLAB_VENV)/colab-list.txt
+	$(COLAB_PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
+	$(COLAB_PY) -m pip install --quiet --disable-pip-version-check -c $(COLAB_VENV)/colab-list.txt "pyparsing<3.3" -e ".[test]"
+	$(COLAB_PY) -m pip freeze --exclude-editable | $(COLAB_PY) .ci/colab_constraints.py write
+	@touch $(COLAB_STAMP)
 
 clean:
 	rm -rf _build .pytest_cache
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(COLAB_VENV) \) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(COLAB_VENV) *.egg-info

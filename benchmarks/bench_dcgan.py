@@ -1,10 +1,11 @@
 """Training throughput of the DCGAN of notebooks/03_dcgan.ipynb, in images per second.
 
 Times ``gan.make_train_step`` (one discriminator and one generator update per batch) on the
-embedded MNIST 5k for the notebook's ``cpu`` profile (widths 32/32, batch 64), once with one
-CPU thread (what the notebook uses) and once with PyTorch's default thread count, and for its
-``gpu`` profile (widths 64/64, batch 128, mixed precision and channels_last) when CUDA is
-available; otherwise it says that the GPU line was skipped.
+embedded MNIST 5k with the sizes of the notebook's ``cpu`` profile (``gan.DCGAN_SIZES``, the
+dict the notebook reads: widths 32/32, batch 64), once with one CPU thread (what the notebook
+uses) and once with PyTorch's default thread count, and with its ``gpu`` sizes (widths 64/64,
+batch 128, mixed precision and channels_last) when CUDA is available; otherwise it says that
+the GPU line was skipped.
 
     .venv/bin/python benchmarks/bench_dcgan.py [--steps 100] [--warmup 10]
 
@@ -22,11 +23,8 @@ import torch
 
 from genart_utils import __version__, data, gan, runtime, training
 
-# The sizes of the notebook's profiles (notebooks/03_dcgan.ipynb, the `cfg` of its setup cell).
-PROFILES = {
-    "cpu": dict(g_width=32, d_width=32, batch_size=64),
-    "gpu": dict(g_width=64, d_width=64, batch_size=128),
-}
+# The sizes of the notebook's profiles: the same dict notebooks/03_dcgan.ipynb reads.
+PROFILES = gan.DCGAN_SIZES
 
 
 def measure(profile: str, device: torch.device, steps: int, warmup: int, threads: int | None) -> dict:
@@ -35,16 +33,14 @@ def measure(profile: str, device: torch.device, steps: int, warmup: int, threads
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        torch.manual_seed(0)
-        config = gan.DCGANConfig(g_width=sizes["g_width"], d_width=sizes["d_width"])
+        config = gan.DCGANConfig(g_width=sizes["g_width"], d_width=sizes["d_width"], seed=0)
         G, D = gan.build_dcgan(config, device)
         on_gpu = device.type == "cuda"
         if on_gpu:
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         opt_g, opt_d = gan.adam_pair(G, D, config.lr, config.beta1)
-        step = gan.make_train_step(G, D, opt_g, opt_d, latent_dim=config.latent_dim, device=device,
-                                   generator=torch.Generator().manual_seed(1), amp=on_gpu,
-                                   channels_last=on_gpu)
+        step = gan.make_train_step(G, D, opt_g, opt_d, device=device,
+                                   generator=torch.Generator().manual_seed(1), channels_last=on_gpu)
         x = gan.to_tanh_range(data.load_mnist5k("train").images)
         if on_gpu:
             x = x.to(device)

@@ -8,9 +8,11 @@ For each model size of the notebook's profiles (cpu; gpu only when CUDA is avail
 2. quality after a fixed wall-clock budget: the number of steps that fit the budget at the
    measured speed is trained with the notebook's schedule (warm-up, cosine decay), then the
    whole validation split is scored in bits per character, next to the best Kneser-Ney
-   n-gram baseline of orders 1..10 fitted on the same split.
+   n-gram baseline of orders 1..max_order fitted on the training split.
 
-    .venv/bin/python benchmarks/bench_gpt.py [--budget 120] [--configs cpu,gpu] [--threads N]
+The sizes are ``gpt.FOLK_SIZES``, the dict the notebook reads.
+
+    .venv/bin/python benchmarks/bench_gpt.py [--budget 120] [--configs cpu,gpu] [--threads N] [--max-order N]
 
 Prints one JSON line per config; figures are measured, never asserted.
 """
@@ -26,16 +28,14 @@ import torch
 
 from genart_utils import __version__, gpt, runtime, text
 
-# The model and batch sizes of notebooks/07_gpt_folk_tunes.ipynb's cpu and gpu profiles.
-SIZES = {
-    "cpu": dict(n_layer=3, n_head=4, n_embd=96, block_size=128, batch_size=8),
-    "gpu": dict(n_layer=6, n_head=8, n_embd=256, block_size=256, batch_size=64),
-}
+# The sizes of the notebook's profiles: the same dict notebooks/07_gpt_folk_tunes.ipynb reads.
+SIZES = {name: gpt.FOLK_SIZES[name] for name in ("cpu", "gpu")}
 
 
-def best_ngram_bits(train_ids: torch.Tensor, valid_ids: torch.Tensor, vocab_size: int) -> tuple[int, float]:
+def best_ngram_bits(train_ids: torch.Tensor, valid_ids: torch.Tensor, vocab_size: int,
+                    max_order: int) -> tuple[int, float]:
     best = (0, float("inf"))
-    for order in range(1, 11):
+    for order in range(1, max_order + 1):
         model = text.NGramModel(text.NGramConfig(order=order), vocab_size).fit(train_ids)
         bits = text.bits_per_char(model.nll(valid_ids))
         if bits < best[1]:
@@ -57,8 +57,8 @@ def run_config(name: str, corpus: text.Corpus, budget: float, device: torch.devi
         tc = gpt.TrainConfig(steps=steps, batch_size=sizes["batch_size"], lr=peak_lr,
                              min_lr=peak_lr / 10, warmup_steps=max(1, steps // 20))
         opt = gpt.configure_optimizer(model, tc)
-        step = gpt.make_train_step(gpt.maybe_compile(model, device), opt,
-                                   gpt.make_scheduler(opt, tc), device)
+        step = gpt.make_train_step(gpt.maybe_compile(model, device), opt, device=device,
+                                   scheduler=gpt.make_scheduler(opt, tc))
         return model, step, text.random_windows(train_ids, config.block_size, tc.batch_size, seed=0)
 
     def sync() -> None:
@@ -102,18 +102,26 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds per config")
     parser.add_argument("--configs", default="cpu,gpu", help="comma-separated: cpu, gpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-order", type=int, default=None,
+                        help="highest n-gram order of the baseline (default: the profiles' max_order)")
     args = parser.parse_args()
+    names = [name.strip() for name in args.configs.split(",")]
+    unknown = [name for name in names if name not in SIZES]
+    if unknown:
+        parser.error(f"unknown config {unknown[0]!r} in --configs; choose from {sorted(SIZES)}")
+    if args.budget <= 0 or (args.max_order is not None and args.max_order < 1):
+        parser.error("--budget must be > 0 and --max-order >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime.seed_everything(0)
     corpus = text.load_corpus("folk", valid_fraction=0.05, seed=0)
-    order, ngram_bits = best_ngram_bits(corpus.ids("train"), corpus.ids("valid"), corpus.vocab.size)
+    max_order = args.max_order or max(SIZES[name]["max_order"] for name in names)
+    order, ngram_bits = best_ngram_bits(corpus.ids("train"), corpus.ids("valid"), corpus.vocab.size,
+                                        max_order)
     common = {"genart_utils": __version__, "torch": torch.__version__, "python": platform.python_version(),
-              "best_ngram": {"order": order, "smoothing": "kneser-ney", "valid_bits_per_char": round(ngram_bits, 4)}}
-    for name in args.configs.split(","):
-        name = name.strip()
-        if name not in SIZES:
-            raise SystemExit(f"unknown config {name!r}; choose from {sorted(SIZES)}")
+              "best_ngram": {"order": order, "max_order": max_order, "smoothing": "kneser-ney",
+                             "valid_bits_per_char": round(ngram_bits, 4)}}
+    for name in names:
         if name == "gpu" and not torch.cuda.is_available():
             print(json.dumps({"config": "gpu", "skipped": "CUDA is not available", **common}))
             continue
