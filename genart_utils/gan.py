@@ -18,6 +18,7 @@ Also here: the theory chapter's helpers (:func:`optimal_discriminator`,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -25,12 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import runtime
 from .runtime import autocast, grad_scaler
 
 GeneratorLoss = Literal["non_saturating", "saturating"]
+GENERATOR_LOSSES = ("non_saturating", "saturating")
 
 
 # ----------------------------------------------------------------------------- losses
+
+def _check_logits(**logits: torch.Tensor) -> None:
+    """Each loss averages over its batch: an empty batch has no average (it would be NaN)."""
+    for name, value in logits.items():
+        if value.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); the loss is a mean "
+                             "over the batch, so pass at least one logit")
+
 
 def value_function(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     r"""Monte Carlo estimate of :math:`V(D, G) = \mathbb E[\log D(x)] + \mathbb E[\log(1 - D(G(z)))]`.
@@ -39,6 +50,7 @@ def value_function(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torc
         real_logits: :math:`\ell(x)` on data, shape ``(B,)`` or ``(B, 1)``.
         fake_logits: :math:`\ell(G(z))` on samples, any batch shape.
     """
+    _check_logits(real_logits=real_logits, fake_logits=fake_logits)
     return -F.softplus(-real_logits).mean() - F.softplus(fake_logits).mean()
 
 
@@ -46,21 +58,23 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
     r"""The discriminator's loss :math:`-V(D, G)`: binary cross-entropy with labels 1 for
     data and 0 for samples, each term averaged over its own batch.
 
-    .. math:: \mathcal L_D = -\mathbb E_x[\log D(x)] - \mathbb E_z[\log(1 - D(G(z)))]
+    .. math:: J_D = -\mathbb E_x[\log D(x)] - \mathbb E_z[\log(1 - D(G(z)))]
     """
+    _check_logits(real_logits=real_logits, fake_logits=fake_logits)
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
 def generator_loss(fake_logits: torch.Tensor, kind: GeneratorLoss = "non_saturating") -> torch.Tensor:
-    r"""The generator's loss on the discriminator's logits for its samples.
+    r"""The generator's loss :math:`J_G` on the discriminator's logits for its samples.
 
-    ``"saturating"``: the minimax loss :math:`\mathbb E_z[\log(1 - D(G(z)))]`; its gradient
+    ``"saturating"``: the minimax loss :math:`J_G = \mathbb E_z[\log(1 - D(G(z)))]`; its gradient
     with respect to the logit is :math:`-\sigma(\ell) = -D`, which vanishes when the
     discriminator confidently rejects the samples (:math:`D \to 0`), early in training.
 
-    ``"non_saturating"``: :math:`-\mathbb E_z[\log D(G(z))]`; the same fixed point, but
+    ``"non_saturating"``: :math:`J_G = -\mathbb E_z[\log D(G(z))]`; the same fixed point, but
     gradient :math:`-(1 - D)`, which is largest exactly when :math:`D \to 0`.
     """
+    _check_logits(fake_logits=fake_logits)
     if kind == "non_saturating":
         return F.softplus(-fake_logits).mean()
     if kind == "saturating":
@@ -70,17 +84,30 @@ def generator_loss(fake_logits: torch.Tensor, kind: GeneratorLoss = "non_saturat
 
 # ----------------------------------------------------------------------------- models
 
+def _check_input(x: torch.Tensor, shape: tuple[int, ...], what: str, hint: str) -> None:
+    """Raise unless ``x`` has shape ``(B, *shape)``: a batch of ``what``."""
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        expected = ", ".join(["B", *map(str, shape)])
+        raise ValueError(f"expected {what} of shape ({expected}), got {tuple(x.shape)}; {hint}")
+
+
 @dataclass(frozen=True)
 class MLPGANConfig:
     """A small fully connected GAN for 2-D toy data."""
 
-    data_dim: int = 2       # dimension of x
-    latent_dim: int = 2     # dimension of z ~ N(0, I)
+    data_dim: int = 2       # d_x, the dimension of x
+    latent_dim: int = 2     # d_z, the dimension of z ~ N(0, I)
     hidden: int = 128       # width of every hidden layer
     depth: int = 3          # hidden layers per network
     lr: float = 1e-3        # Adam learning rate of both players
     beta1: float = 0.5      # Adam beta1 (DCGAN's choice, also stable for toys)
-    loss: GeneratorLoss = "non_saturating"
+    loss: GeneratorLoss = "non_saturating"  # the generator's loss (see generator_loss)
+    seed: int = 0           # seeds the initial weights (build_mlp_gan)
+
+    def __post_init__(self) -> None:
+        runtime.check_fields(self, positive_ints=("data_dim", "latent_dim", "hidden", "depth"),
+                             nonneg_ints=("seed",), positive_floats=("lr",),
+                             half_open_unit=("beta1",), choices={"loss": GENERATOR_LOSSES})
 
 
 def _mlp(n_in: int, n_out: int, hidden: int, depth: int, act: Callable[[], nn.Module]) -> nn.Sequential:
@@ -100,6 +127,8 @@ class MLPGenerator(nn.Module):
         self.net = _mlp(config.latent_dim, config.data_dim, config.hidden, config.depth, nn.ReLU)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        _check_input(z, (self.config.latent_dim,), "codes",
+                     "pass a batch of codes, e.g. gan.sample_latent(n, latent_dim)")
         return self.net(z)
 
 
@@ -113,26 +142,43 @@ class MLPDiscriminator(nn.Module):
                         lambda: nn.LeakyReLU(0.2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, (self.config.data_dim,), "points",
+                     "add the batch axis (x[None] for one point) or set MLPGANConfig.data_dim")
         return self.net(x).squeeze(-1)
+
+
+def build_mlp_gan(config: MLPGANConfig, device: torch.device | str = "cpu"
+                  ) -> tuple[MLPGenerator, MLPDiscriminator]:
+    """Generator and discriminator whose initial weights depend only on ``config.seed``
+    (drawn inside :func:`genart_utils.runtime.seeded`, so the global RNG is untouched)."""
+    with runtime.seeded(config.seed):
+        G, D = MLPGenerator(config), MLPDiscriminator(config)
+    return G.to(device), D.to(device)
 
 
 @dataclass(frozen=True)
 class DCGANConfig:
     """DCGAN (Radford et al. 2016) for 28x28 images, with the paper's training choices."""
 
-    latent_dim: int = 100   # z ~ N(0, I) of this size (the paper uses 100)
+    latent_dim: int = 100   # d_z: z ~ N(0, I) of this size (the paper uses 100)
     channels: int = 1       # image channels (1 for MNIST)
     g_width: int = 64       # generator channels at 14x14; 2 * g_width at 7x7
     d_width: int = 64       # discriminator channels at 14x14; 2 * d_width at 7x7
     lr: float = 2e-4        # Adam learning rate, both players (paper)
     beta1: float = 0.5      # Adam beta1 (paper: 0.9 oscillated)
-    loss: GeneratorLoss = "non_saturating"
+    loss: GeneratorLoss = "non_saturating"  # the generator's loss (see generator_loss)
+    seed: int = 0           # seeds the initial weights (build_dcgan)
+
+    def __post_init__(self) -> None:
+        runtime.check_fields(self, positive_ints=("latent_dim", "channels", "g_width", "d_width"),
+                             nonneg_ints=("seed",), positive_floats=("lr",),
+                             half_open_unit=("beta1",), choices={"loss": GENERATOR_LOSSES})
 
 
 class DCGANGenerator(nn.Module):
     """``z (B, latent_dim) -> image (B, C, 28, 28)`` in ``[-1, 1]`` (tanh).
 
-    Shapes: ``(B, Z, 1, 1) -> (B, 2g, 7, 7) -> (B, g, 14, 14) -> (B, C, 28, 28)``, each
+    Shapes: ``(B, d_z, 1, 1) -> (B, 2g, 7, 7) -> (B, g, 14, 14) -> (B, C, 28, 28)``, each
     transposed convolution but the last followed by batch norm and ReLU.
     """
 
@@ -150,14 +196,18 @@ class DCGANGenerator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        _check_input(z, (self.config.latent_dim,), "codes",
+                     "pass a batch of codes, e.g. gan.sample_latent(n, latent_dim)")
         return self.net(z[:, :, None, None])
 
 
 class DCGANDiscriminator(nn.Module):
     """``image (B, C, 28, 28) in [-1, 1] -> logit (B,)``.
 
-    Shapes: ``(B, C, 28, 28) -> (B, d, 14, 14) -> (B, 2d, 7, 7) -> (B,)``; strided
-    convolutions instead of pooling, LeakyReLU(0.2), no batch norm on the input layer.
+    Shapes: ``(B, C, 28, 28) -> (B, d, 14, 14) -> (B, 2d, 7, 7) -> (B, 1, 1, 1)``; strided
+    convolutions instead of pooling, LeakyReLU(0.2), no batch norm on the input layer. The
+    last 7x7 convolution sees the whole image, so each image gets exactly one logit; other
+    image sizes are refused (a 32x32 image would give a 2x2 map of logits).
     """
 
     def __init__(self, config: DCGANConfig):
@@ -172,7 +222,10 @@ class DCGANDiscriminator(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+        _check_input(x, (self.config.channels, 28, 28), "images",
+                     "the convolutions assume 28x28 images, so add the batch axis, "
+                     "or resize or pad other sizes to 28x28")
+        return self.net(x).flatten()                                    # (B, 1, 1, 1) -> (B,)
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -188,11 +241,26 @@ def dcgan_init(module: nn.Module) -> None:
 
 def build_dcgan(config: DCGANConfig, device: torch.device | str = "cpu"
                 ) -> tuple[DCGANGenerator, DCGANDiscriminator]:
-    """Generator and discriminator with the DCGAN initialisation, on ``device``."""
-    G, D = DCGANGenerator(config), DCGANDiscriminator(config)
-    G.apply(dcgan_init)
-    D.apply(dcgan_init)
+    """Generator and discriminator with the DCGAN initialisation, on ``device``.
+
+    The initial weights depend only on ``config.seed``: they are drawn inside
+    :func:`genart_utils.runtime.seeded`, which leaves the global RNG as it was.
+    """
+    with runtime.seeded(config.seed):
+        G, D = DCGANGenerator(config), DCGANDiscriminator(config)
+        G.apply(dcgan_init)
+        D.apply(dcgan_init)
     return G.to(device), D.to(device)
+
+
+DCGAN_SIZES = {
+    "smoke": dict(g_width=8, d_width=8, batch_size=32, steps=60, grid_every=20),
+    "cpu": dict(g_width=32, d_width=32, batch_size=64, steps=2_500, grid_every=500),
+    "gpu": dict(g_width=64, d_width=64, batch_size=128, steps=10_000, grid_every=2_000),
+}
+"""The sizes of notebooks/03_dcgan.ipynb for each execution profile (the only thing that
+changes between profiles): ``cfg = runtime.profile_config(**gan.DCGAN_SIZES)``; the
+benchmarks import the same dict."""
 
 
 def adam_pair(G: nn.Module, D: nn.Module, lr: float, beta1: float
@@ -212,17 +280,29 @@ def sample_latent(n: int, latent_dim: int, generator: torch.Generator | None = N
 
 
 def make_train_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
-                    opt_d: torch.optim.Optimizer, *, latent_dim: int,
-                    loss: GeneratorLoss = "non_saturating", device: torch.device | str = "cpu",
-                    generator: torch.Generator | None = None, amp: bool = False,
+                    opt_d: torch.optim.Optimizer, *, device: torch.device | str = "cpu",
+                    generator: torch.Generator | None = None, amp: bool = True,
                     channels_last: bool = False) -> Callable[[tuple], dict[str, float]]:
-    """One alternating update per call: the discriminator, then the generator.
+    r"""One alternating update per call: the discriminator, then the generator.
 
-    The returned function takes a batch ``(x, ...)`` of data in the generator's output range
-    and returns ``loss_d``, ``loss_g``, ``d_real`` (mean :math:`D(x)`) and ``d_fake`` (mean
+    The returned function takes a batch ``(x, ...)`` of data in the generator's output range,
+    draws ``z ~ N(0, I)`` from ``generator`` (the only randomness of a step, so saving
+    ``generator.get_state()`` with the models and optimisers resumes a run exactly), lowers
+    :math:`J_D` (:func:`discriminator_loss`) by one step of ``opt_d``, then :math:`J_G`
+    (:func:`generator_loss`) against the updated discriminator by one step of ``opt_g``.
+    The latent size and the generator's loss are ``G.config.latent_dim`` and
+    ``G.config.loss`` (change them with ``dataclasses.replace`` on the config).
+
+    It returns ``loss_d``, ``loss_g``, ``d_real`` (mean :math:`D(x)`) and ``d_fake`` (mean
     :math:`D(G(z))` before the generator's update). ``amp`` enables mixed precision on CUDA
-    (bf16, or fp16 with a gradient scaler) and does nothing on CPU.
+    (bf16, or fp16 with a gradient scaler) and does nothing on CPU; ``channels_last`` feeds
+    4-D batches in that memory format (faster convolutions on recent GPUs).
     """
+    config = getattr(G, "config", None)
+    if not hasattr(config, "latent_dim") or getattr(config, "loss", None) not in GENERATOR_LOSSES:
+        raise TypeError(f"G needs a .config with latent_dim and loss (an MLPGANConfig or "
+                        f"DCGANConfig), got {type(G).__name__} with config {config!r}")
+    latent_dim, loss = config.latent_dim, config.loss
     device = torch.device(device)
     scaler = grad_scaler(device, amp)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
@@ -292,13 +372,37 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     Gaussian codes in high dimension concentrate near a sphere; the straight line between
     two of them passes through lower-norm codes that the generator rarely saw.
-    Returns shape ``(len(t), latent_dim)``.
+
+    The angle is computed as :math:`\Omega = 2 \operatorname{atan2}(\|u_0 - u_1\|,
+    \|u_0 + u_1\|)` with :math:`u_i = z_i / \|z_i\|`, which stays accurate near 0 and
+    :math:`\pi` (``arccos`` of a rounded cosine does not). For parallel codes
+    (:math:`\Omega \to 0`) the formula tends to the straight line
+    :math:`(1 - t) z_0 + t z_1`, which is returned. A zero code has no direction, and for
+    opposite codes (:math:`\Omega = \pi`) every great circle joins them: both are refused.
+
+    Args:
+        z0, z1: codes of shape ``(latent_dim,)``; t: the fractions (a tensor or a list).
+
+    Returns:
+        Shape ``(len(t), latent_dim)``.
     """
-    t = t.reshape(-1, 1).to(z0.dtype)
-    cos = (z0 @ z1) / (z0.norm() * z1.norm())
-    omega = torch.arccos(cos.clamp(-1.0, 1.0))
-    if omega.abs() < 1e-6:  # (anti)parallel codes: fall back to the straight line
+    if z0.ndim != 1 or z0.shape != z1.shape:
+        raise ValueError(f"z0 and z1 must be vectors of the same size, got {tuple(z0.shape)} "
+                         f"and {tuple(z1.shape)}; interpolate one pair of codes at a time")
+    t = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).reshape(-1, 1)
+    n0, n1 = z0.norm(), z1.norm()
+    if n0 == 0 or n1 == 0:
+        raise ValueError(f"{'z0' if n0 == 0 else 'z1'} is the zero vector, which has no "
+                         "direction to interpolate; use the straight line (1 - t) z0 + t z1")
+    u0, u1 = z0 / n0, z1 / n1
+    apart, together = (u0 - u1).norm(), (u0 + u1).norm()  # 2 sin(Omega/2), 2 cos(Omega/2)
+    tol = math.sqrt(torch.finfo(z0.dtype).eps)  # below it the straight line is exact to rounding
+    if together < tol:
+        raise ValueError("z0 and z1 point in opposite directions (angle pi): every great circle "
+                         "joins them, so the spherical path is not defined; perturb one code")
+    if apart < tol:  # parallel codes: the limit of the formula as Omega -> 0
         return (1 - t) * z0 + t * z1
+    omega = 2 * torch.atan2(apart, together)
     return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
 
 
@@ -347,8 +451,8 @@ def dirac_gan_trajectory(theta0: float, psi0: float, *, lr: float, steps: int,
     discriminator is :math:`D_\psi(x) = \sigma(\psi x)`, so with the book's losses (logits
     :math:`0` for the data and :math:`\psi\theta` for the sample)
 
-    .. math:: \mathcal L_D(\theta, \psi) = \log 2 + \operatorname{softplus}(\psi\theta),
-              \qquad \mathcal L_G = -\operatorname{softplus}(\psi\theta)
+    .. math:: J_D(\theta, \psi) = \log 2 + \operatorname{softplus}(\psi\theta),
+              \qquad J_G = -\operatorname{softplus}(\psi\theta)
               \ \text{(saturating)}\ \text{or}\ \operatorname{softplus}(-\psi\theta).
 
     The only equilibrium is :math:`(\theta, \psi) = (0, 0)`. Each step is plain gradient
@@ -428,7 +532,7 @@ def principal_latent_directions(G: DCGANGenerator, k: int = 3) -> torch.Tensor:
     if not 1 <= k <= conv.weight.shape[0]:
         raise ValueError(f"k must be between 1 and latent_dim={conv.weight.shape[0]}, got {k}")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)             # (C,)
-    A = (conv.weight * scale[None, :, None, None]).flatten(1).T         # (C*7*7, Z)
+    A = (conv.weight * scale[None, :, None, None]).flatten(1).T         # (C*7*7, d_z)
     _, _, vh = torch.linalg.svd(A.double(), full_matrices=False)         # rows: directions
     directions = vh[:k]
     signs = torch.sign(directions.gather(1, directions.abs().argmax(1, keepdim=True)))

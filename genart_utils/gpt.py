@@ -1,13 +1,14 @@
 r"""A small GPT: a decoder-only transformer that models text one token at a time.
 
 The model, from the bottom up (``B`` sequences of ``T`` tokens, width ``C``, ``H`` heads
-of size ``D = C / H``, vocabulary ``V``):
+of size :math:`d_h = C / H`, a vocabulary :math:`\mathcal V` of ``vocab_size`` =
+:math:`|\mathcal V|` tokens):
 
 1. token embedding plus a learned position embedding: ``(B, T) -> (B, T, C)``;
 2. ``n_layer`` pre-norm residual blocks, each ``x = x + attn(ln_1(x))`` then
    ``x = x + mlp(ln_2(x))``, where ``attn`` is causal multi-head self-attention
    (:func:`causal_attention`) and ``mlp`` a two-layer perceptron with a GELU;
-3. a final layer norm and a linear read-out to ``(B, T, V)`` logits whose weight matrix is
+3. a final layer norm and a linear read-out to ``(B, T, vocab_size)`` logits whose weight matrix is
    the token embedding matrix (weight tying).
 
 The causal mask makes the logits at position ``t`` depend on tokens ``0..t`` only, so one
@@ -21,15 +22,31 @@ device.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import runtime, sampling
+
+
+def _compiling() -> bool:
+    """True while ``torch.compile`` traces the model (checks with data-dependent branches
+    are skipped there: they would split the compiled graph)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """``value`` must be an int (Python or NumPy, not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +58,7 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 class GPTConfig:
     """The shape of a :class:`GPT`. Change one field with ``dataclasses.replace``."""
 
-    vocab_size: int = 96        # V: number of distinct tokens (characters)
+    vocab_size: int = 96        # |V|: number of distinct tokens (characters)
     block_size: int = 256       # T_max: the longest context, in tokens (size of the position table)
     n_layer: int = 4            # number of transformer blocks
     n_head: int = 4             # H: attention heads per block
@@ -53,16 +70,14 @@ class GPTConfig:
     seed: int = 0               # seed of the weight initialisation
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        runtime.check_fields(self, positive_ints=("vocab_size", "block_size", "n_layer", "n_head",
+                                                  "n_embd"),
+                             nonneg_ints=("seed",), half_open_unit=("dropout",),
+                             choices={"attention": ("manual", "sdpa"), "bias": (True, False),
+                                      "tie_weights": (True, False)})
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attention not in ("manual", "sdpa"):
-            raise ValueError(f"attention must be 'manual' or 'sdpa', got {self.attention!r}")
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be a multiple of n_head "
+                             f"({self.n_head}), so that each head gets n_embd / n_head channels")
 
 
 @dataclass(frozen=True)
@@ -81,10 +96,29 @@ class TrainConfig:
     seed: int = 0                # seed of the batch sampler
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.warmup_steps < 0:
-            raise ValueError("steps and batch_size must be >= 1 and warmup_steps >= 0")
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        runtime.check_fields(self, positive_ints=("steps", "batch_size"),
+                             nonneg_ints=("warmup_steps", "seed"), positive_floats=("lr", "min_lr"),
+                             nonneg_floats=("weight_decay", "grad_clip"),
+                             half_open_unit=("beta1", "beta2"))
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr must be at most lr (the decay ends below the "
+                             f"peak), got min_lr={self.min_lr}, lr={self.lr}")
+
+
+FOLK_SIZES = {
+    "smoke": dict(max_tunes=500, n_layer=2, n_head=4, n_embd=64, block_size=128, batch_size=16,
+                  steps=40, eval_every=20, monitor_every=1, max_order=5, n_prompts=4, max_new=100,
+                  beam_width=2, n_real_checked=8),
+    "cpu": dict(max_tunes=None, n_layer=3, n_head=4, n_embd=96, block_size=128, batch_size=8,
+                steps=6_000, eval_every=1_000, monitor_every=4, max_order=10, n_prompts=32,
+                max_new=300, beam_width=4, n_real_checked=100),
+    "gpu": dict(max_tunes=None, n_layer=6, n_head=8, n_embd=256, block_size=256, batch_size=64,
+                steps=3_000, eval_every=250, monitor_every=1, max_order=10, n_prompts=64, max_new=500,
+                beam_width=8, n_real_checked=400),
+}
+"""The sizes of notebooks/07_gpt_folk_tunes.ipynb for each execution profile (the only thing
+that changes between profiles): ``cfg = runtime.profile_config(**gpt.FOLK_SIZES)``; the
+benchmarks import the same dict."""
 
 
 # ------------------------------------------------------------------------ attention
@@ -93,7 +127,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
                      training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Causal scaled dot-product attention, written out.
 
-    .. math:: \mathrm{Attn}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{D}} + M\right) V,
+    .. math:: \mathrm{Attn}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_h}} + M\right) V,
               \qquad M_{ij} = \begin{cases} 0 & j \le i + (T_k - T_q) \\ -\infty & \text{otherwise} \end{cases}
 
     Query ``i`` sees keys up to its own position. The mask is aligned to the bottom-right,
@@ -101,19 +135,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     ``T_k - T_q + i``; with ``T_q = T_k`` it is the usual lower-triangular mask.
 
     Args:
-        q: ``(B, H, T_q, D)``; k, v: ``(B, H, T_k, D)`` with ``T_k >= T_q``.
+        q: ``(B, H, T_q, d_h)``; k, v: ``(B, H, T_k, d_h)`` with ``T_k >= T_q``.
 
     Returns:
-        The output ``(B, H, T_q, D)`` and the attention weights ``(B, H, T_q, T_k)``
+        The output ``(B, H, T_q, d_h)`` and the attention weights ``(B, H, T_q, T_k)``
         (before dropout; each row sums to 1).
     """
-    T_q, T_k, D = q.shape[-2], k.shape[-2], q.shape[-1]
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)                    # (B, H, T_q, T_k)
+    T_q, T_k, d_h = q.shape[-2], k.shape[-2], q.shape[-1]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(d_h)                   # (B, H, T_q, T_k)
     mask = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T_q)
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1)                              # (B, H, T_q, T_k)
     dropped = F.dropout(weights, dropout_p, training) if dropout_p > 0 else weights
-    return dropped @ v, weights                                          # (B, H, T_q, D)
+    return dropped @ v, weights                                          # (B, H, T_q, d_h)
 
 
 class KVCache:
@@ -145,14 +179,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H = self.n_head
         q, k, v = self.qkv(x).split(C, dim=2)                          # each (B, T, C)
-        q = q.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, D)
-        k = k.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, D)
-        v = v.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, D)
+        q = q.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, d_h)
+        k = k.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, d_h)
+        v = v.view(B, T, H, C // H).transpose(1, 2)                    # (B, H, T, d_h)
         if cache is not None:
             if cache.keys[layer] is not None:
                 if T != 1:
                     raise ValueError("with a non-empty cache, feed one token at a time")
-                k = torch.cat([cache.keys[layer], k], dim=2)            # (B, H, T_k, D)
+                k = torch.cat([cache.keys[layer], k], dim=2)            # (B, H, T_k, d_h)
                 v = torch.cat([cache.values[layer], v], dim=2)
             cache.keys[layer], cache.values[layer] = k, v
         dropout_p = self.dropout if self.training else 0.0
@@ -199,10 +233,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The model: token ids ``(B, T)`` -> next-token logits ``(B, T, V)``.
+    """The model: token ids ``(B, T)`` -> next-token logits ``(B, T, vocab_size)``.
 
-    Weights are initialised from ``config.seed`` (not the global RNG): normal with
-    standard deviation 0.02, biases zero, and the two projections that write into the
+    Weights depend only on ``config.seed`` (drawn inside
+    :func:`genart_utils.runtime.seeded`, which leaves the global RNG as it was): normal
+    with standard deviation 0.02, biases zero, and the two projections that write into the
     residual stream in each block scaled down by ``1 / sqrt(2 n_layer)``, so that the
     stream's variance does not grow with depth at initialisation (as in GPT-2).
     """
@@ -210,18 +245,19 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_weights:
-            self.lm_head.weight = self.tok_emb.weight                  # one (V, C) matrix
-        self._init_weights(torch.Generator().manual_seed(config.seed))
+        with runtime.seeded(config.seed):
+            self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_weights:
+                self.lm_head.weight = self.tok_emb.weight              # one (vocab_size, C) matrix
+            self._init_weights()
 
     @torch.no_grad()
-    def _init_weights(self, generator: torch.Generator) -> None:
+    def _init_weights(self) -> None:
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -229,12 +265,29 @@ class GPT(nn.Module):
             elif ".ln_" in name or name.startswith("ln_f"):
                 p.fill_(1.0)
             elif name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                p.copy_(torch.randn(p.shape, generator=generator) * residual_std)
+                p.normal_(0.0, residual_std)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+                p.normal_(0.0, 0.02)
+
+    def _check_ids(self, idx: torch.Tensor) -> None:
+        """Token ids must be a ``(B, T)`` integer tensor of ids in ``0 .. vocab_size - 1``
+        (an id outside would index past the embedding table)."""
+        if idx.ndim != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex \
+                or idx.dtype == torch.bool:
+            raise ValueError(f"token ids must be a (B, T) integer tensor, got shape "
+                             f"{tuple(idx.shape)} and dtype {idx.dtype}; add the batch axis "
+                             "with ids[None] for one sequence")
+        V = self.config.vocab_size
+        if idx.numel() and bool(((idx < 0) | (idx >= V)).any()):
+            bad = idx[(idx < 0) | (idx >= V)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary: this model has "
+                             f"vocab_size={V}, so ids must be in 0..{V - 1}; encode the text with "
+                             "the vocabulary the model was trained with")
 
     def _forward(self, idx: torch.Tensor, cache: KVCache | None, need_weights: bool
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not _compiling():
+            self._check_ids(idx)
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -247,10 +300,10 @@ class GPT(nn.Module):
             x, weights = block(x, cache, layer, need_weights)          # (B, T, C)
             if need_weights:
                 maps.append(weights)
-        return self.lm_head(self.ln_f(x)), maps                         # (B, T, V)
+        return self.lm_head(self.ln_f(x)), maps                         # (B, T, vocab_size)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits ``(B, T, V)`` for token ids ``(B, T)``; with a ``cache``, ``idx`` are the
+        """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with a ``cache``, ``idx`` are the
         tokens after those already cached (one at a time once the cache is filled)."""
         return self._forward(idx, cache, need_weights=False)[0]
 
@@ -270,14 +323,14 @@ def num_parameters(model: nn.Module) -> int:
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     r"""Teacher-forced next-token cross-entropy, in nats per token:
 
-    .. math:: \mathcal{L} = -\frac{1}{B T} \sum_{b=1}^{B} \sum_{t=1}^{T}
+    .. math:: J_\text{LM} = -\frac{1}{B T} \sum_{b=1}^{B} \sum_{t=1}^{T}
               \log \mathrm{softmax}(z_{b,t})_{y_{b,t}}
 
     where ``z_{b,t}`` are the logits at position ``t`` (computed from the true tokens up
     to ``t``) and ``y_{b,t}`` the true next token. Computed in float32 even under autocast.
 
     Args:
-        logits: ``(B, T, V)``; targets: ``(B, T)`` int64.
+        logits: ``(B, T, vocab_size)``; targets: ``(B, T)`` int64.
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
@@ -316,23 +369,53 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-                    device: torch.device, grad_clip: float = 1.0, amp: bool = True):
-    """A step function for :func:`genart_utils.training.train`.
+@contextlib.contextmanager
+def _dropout_noise(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Run a block with the global RNG of ``device`` (where dropout draws its masks) seeded
+    from ``generator``, then put it back: the masks then depend only on ``generator``."""
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+    if device.type != "cuda":
+        with runtime.seeded(seed):
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index]):
+        torch.default_generator.manual_seed(seed)
+        torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                    amp: bool = True, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                    grad_clip: float = 1.0):
+    r"""A step function for :func:`genart_utils.training.train`.
 
     It takes a batch ``(x, y)`` of ``(B, T)`` token ids, does one optimisation step on
-    :func:`lm_loss` (under :func:`runtime.autocast` when ``amp``, with a gradient scaler
-    for fp16) and returns ``{"loss": nats per token, "lr": learning rate used}``.
+    :math:`J_\text{LM}` (:func:`lm_loss`, under :func:`runtime.autocast` when ``amp``, with
+    a gradient scaler for fp16), clips the global gradient norm to ``grad_clip`` (0: no
+    clipping), then advances ``scheduler`` (e.g. :func:`make_scheduler`) if given. It
+    returns ``{"loss": nats per token, "lr": learning rate used}``.
+
+    Dropout is a step's only randomness: with ``config.dropout > 0`` and a ``generator``,
+    each step's masks are drawn from a seed taken from ``generator`` (the global RNG is left
+    as it was), so saving ``generator.get_state()`` with the model, optimiser, scheduler and
+    history resumes a run exactly. The batches are the caller's (for example
+    :func:`genart_utils.text.random_windows` with ``start=history.step``).
     """
+    device = torch.device(device)
     scaler = runtime.grad_scaler(device, enabled=amp)
+    config = getattr(model, "config", None)
+    dropout = getattr(config, "dropout", 0.0)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         x, y = (t.to(device, non_blocking=True) for t in batch)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
-        with runtime.autocast(device, enabled=amp):
-            logits = model(x)                                          # (B, T, V)
+        noise = (_dropout_noise(generator, device) if generator is not None and dropout > 0
+                 else contextlib.nullcontext())
+        with noise, runtime.autocast(device, enabled=amp):
+            logits = model(x)                                          # (B, T, vocab_size)
         loss = lm_loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -373,16 +456,23 @@ def token_log_probs(model: GPT, ids: torch.Tensor, stride: int | None = None,
     context (fewer only at the very start). Returns float64 ``(N - 1,)``.
     """
     T = model.config.block_size
-    stride = stride or max(1, T // 2)
-    if not 1 <= stride <= T:
-        raise ValueError(f"stride must be in 1..block_size ({T}), got {stride}")
+    if stride is None:
+        stride = max(1, T // 2)
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or not 1 <= stride <= T:
+        raise ValueError(f"stride must be an int in 1..block_size ({T}) or None for "
+                         f"block_size // 2, got {stride!r}")
+    _check_int("batch_size", batch_size, 1)
+    if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be one stream of integer token ids, shape (N,), got shape "
+                         f"{tuple(ids.shape)} and dtype {ids.dtype}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     ids = ids.to(torch.long)
     N = len(ids)
     if N < 2:
         raise ValueError("need at least 2 tokens to score")
+    model._check_ids(ids[None])          # before any window: a clear error, not a partial result
+    was_training = model.training
+    model.eval()
     out = torch.empty(N - 1, dtype=torch.float64)
     # Window starts: 0, stride, 2 stride, ... until a window reaches the last token.
     starts = [0]
@@ -402,7 +492,7 @@ def token_log_probs(model: GPT, ids: torch.Tensor, stride: int | None = None,
             x = torch.stack([ids[s:s + L] for s, _, _ in chunk]).to(device)       # (b, L)
             y = torch.stack([ids[s + 1:s + L + 1] for s, _, _ in chunk]).to(device)
             with runtime.autocast(device, enabled=amp):
-                logits = model(x)                                                  # (b, L, V)
+                logits = model(x)                                                  # (b, L, vocab_size)
             logp = torch.log_softmax(_at_least_fp32(logits), -1).gather(-1, y[..., None])[..., 0]
             logp = logp.double().cpu()
             for row, (s, _, keep) in zip(logp, chunk):
@@ -438,6 +528,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
         ``n_new <= max_new_tokens``; rows that stopped early keep going until all have
         stopped, so cut each row at its stop sequence.
     """
+    _check_int("max_new_tokens", max_new_tokens, 0)
     sampling.check_temperature(temperature)
     if top_k is not None:
         sampling.check_top_k(top_k)
@@ -445,8 +536,10 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
         sampling.check_top_p(top_p)
     squeeze = prompt.ndim == 1
     idx = prompt[None] if squeeze else prompt
-    if idx.shape[1] < 1:
-        raise ValueError("the prompt needs at least one token")
+    if idx.ndim != 2 or idx.shape[1] < 1:
+        raise ValueError(f"the prompt must be token ids of shape (T0,) or (B, T0) with T0 >= 1, "
+                         f"got shape {tuple(prompt.shape)}")
+    model._check_ids(idx)
     device = next(model.parameters()).device
     idx = idx.to(device)
     T = model.config.block_size
@@ -480,7 +573,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
 
 
 def next_log_probs_fn(model: GPT, amp: bool = True):
-    """``seqs (N, t) -> (N, V)`` next-token log-probabilities of ``model`` (the last
+    """``seqs (N, t) -> (N, vocab_size)`` next-token log-probabilities of ``model`` (the last
     ``block_size`` tokens are used): the interface of :func:`sampling.beam_search`."""
     device = next(model.parameters()).device
     T = model.config.block_size
@@ -546,7 +639,7 @@ def generate_texts(model: GPT, vocab, prompts: Sequence[str], max_new_tokens: in
     generated together as one batch; all draws come from one ``torch.Generator`` seeded with
     ``seed``, so the same call always returns the same texts.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(operator.index(seed))   # NumPy ints too
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(i)

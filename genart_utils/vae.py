@@ -23,15 +23,15 @@ Bernoulli *logits*; :func:`binarize` makes binary images from ``[0, 1]`` ones.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import training
+from . import runtime, training
 from .runtime import autocast, grad_scaler
 
 Binarization = Literal["fixed", "dynamic"]
@@ -81,8 +81,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, n_samples: int | None
     \sigma \odot \varepsilon)]`: the randomness no longer depends on the parameters.
 
     Args:
-        mu, logvar: shape ``(B, D)`` (any shape, in fact; they must match).
-        n_samples: ``None`` for one draw of shape ``(B, D)``; ``S`` for ``(S, B, D)``.
+        mu, logvar: shape ``(B, d_z)`` (any shape, in fact; they must match).
+        n_samples: ``None`` for one draw of shape ``(B, d_z)``; ``S`` for ``(S, B, d_z)``.
     """
     shape = mu.shape if n_samples is None else (n_samples, *mu.shape)
     eps = _randn(tuple(shape), generator, mu.device, mu.dtype)
@@ -95,15 +95,15 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     r"""Closed-form :math:`\mathrm{KL}(\mathcal N(\mu, \operatorname{diag}\sigma^2) \,\|\,
     \mathcal N(0, I))`, summed over the last axis:
 
-    .. math:: \mathrm{KL} = \frac12 \sum_{j=1}^{D} \left(\mu_j^2 + \sigma_j^2 - 1
+    .. math:: \mathrm{KL} = \frac12 \sum_{j=1}^{d_z} \left(\mu_j^2 + \sigma_j^2 - 1
               - \log \sigma_j^2\right), \qquad \log\sigma_j^2 = \text{logvar}_j.
 
     A diagonal Gaussian factorises over dimensions and so does the prior, so the KL is the
-    sum of ``D`` univariate KLs (each is :func:`genart_utils.distributions.gaussian_kl`
+    sum of ``d_z`` univariate KLs (each is :func:`genart_utils.distributions.gaussian_kl`
     with :math:`\mu_q = 0, \sigma_q = 1`). It is zero exactly when ``mu = 0, logvar = 0``.
 
     Args:
-        mu, logvar: shape ``(..., D)``.
+        mu, logvar: shape ``(..., d_z)``.
 
     Returns:
         Shape ``(...)``, in nats.
@@ -122,12 +122,17 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     would round to 0 or 1. This is minus the summed binary cross-entropy.
 
     Args:
-        x: ``(B, C, H, W)`` with values in ``{0, 1}``.
+        x: ``(B, C, H, W)`` with values in ``{0, 1}`` (any shape ``(B, ...)`` with a
+            batch axis first; a single image needs ``x[None]``).
         logits: ``(B, C, H, W)`` or ``(S, B, C, H, W)`` (``S`` samples of ``z`` per image).
 
     Returns:
         ``(B,)`` or ``(S, B)``: one log-probability per image, in nats.
     """
+    if x.ndim < 2:
+        raise ValueError(f"x of shape {tuple(x.shape)} has no batch axis: the log-likelihood is "
+                         "summed over every axis but the first, so pass x[None] (and logits[None]) "
+                         "for a single example")
     if logits.shape[-x.ndim:] != x.shape:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not end with the images' "
                          f"shape {tuple(x.shape)}")
@@ -138,7 +143,7 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Ten
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor | float
                             ) -> torch.Tensor:
     r""":math:`\log \mathcal N(x; m, \sigma^2 I) = -\frac{\lVert x - m\rVert^2}{2\sigma^2}
-    - \frac{d}{2}\log(2\pi\sigma^2)`, summed over every axis but the first.
+    - \frac{d_x}{2}\log(2\pi\sigma^2)`, summed over every axis but the first.
 
     With :math:`\sigma` fixed, its negative is the squared error divided by
     :math:`2\sigma^2` plus a constant: a Gaussian decoder turns the reconstruction term into
@@ -178,19 +183,23 @@ def elbo(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.
 
     the first term a Monte Carlo estimate (unbiased, from ``S`` reparameterised samples whose
     decoded logits are passed in), the second in closed form (:func:`gaussian_kl`). The
-    negative ELBO, ``-(reconstruction - kl)``, is the VAE's loss; the reconstruction term
-    alone is *not* the ELBO.
+    negative ELBO, :math:`J = -\mathcal L` = ``-(reconstruction - kl)``, is the VAE's loss;
+    the reconstruction term alone is *not* the ELBO.
 
     Args:
         x: binary images ``(B, C, H, W)``.
         logits: decoder output for ``z`` drawn from ``q(z|x)``: ``(B, C, H, W)`` for one
             sample, or ``(S, B, C, H, W)`` for ``S`` samples (averaged).
-        mu, logvar: the encoder's ``q(z|x)``, each ``(B, D)``.
+        mu, logvar: the encoder's ``q(z|x)``, each ``(B, d_z)``.
     """
     log_px_z = bernoulli_log_likelihood(x, logits)
     if log_px_z.ndim == 2:  # (S, B): average the S samples
         log_px_z = log_px_z.mean(0)
-    return ELBOTerms(reconstruction=log_px_z, kl=gaussian_kl(mu, logvar))
+    kl = gaussian_kl(mu, logvar)
+    if kl.shape != log_px_z.shape:
+        raise ValueError(f"x holds {len(x)} images but mu and logvar have shape {tuple(mu.shape)}; "
+                         "pass the encoder's output for the same batch, (B, d_z) with B = len(x)")
+    return ELBOTerms(reconstruction=log_px_z, kl=kl)
 
 
 def log_mean_exp(a: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -206,8 +215,8 @@ def log_importance_weights(x: torch.Tensor, logits: torch.Tensor, z: torch.Tenso
     q_\phi(z \mid x)` of samples ``z`` from ``q``; :math:`\mathbb E_q[w] = p_\theta(x)`.
 
     Args:
-        x: ``(B, C, H, W)``; logits: ``(S, B, C, H, W)``; z: ``(S, B, D)``;
-        mu, logvar: ``(B, D)``.
+        x: ``(B, C, H, W)``; logits: ``(S, B, C, H, W)``; z: ``(S, B, d_z)``;
+        mu, logvar: ``(B, d_z)``.
 
     Returns:
         ``(S, B)`` in nats.
@@ -225,7 +234,7 @@ class VAEConfig:
     """A convolutional VAE for 28x28 images with a Bernoulli decoder, and how to train it."""
 
     channels: int = 1          # image channels (1 for MNIST)
-    latent_dim: int = 16       # D, the dimension of z
+    latent_dim: int = 16       # d_z, the dimension of z
     width: int = 32            # channels after the first conv (14x14); 2 * width at 7x7
     hidden: int = 256          # fully connected layer between the 7x7 maps and z
     lr: float = 1e-3           # Adam learning rate
@@ -235,20 +244,15 @@ class VAEConfig:
     seed: int = 0              # seeds the initial weights (build_vae)
 
     def __post_init__(self) -> None:
-        for name in ("channels", "latent_dim", "width", "hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"VAEConfig.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.beta < 0 or self.lr <= 0 or self.kl_warmup_steps < 0:
-            raise ValueError(f"VAEConfig needs beta >= 0, lr > 0 and kl_warmup_steps >= 0, got "
-                             f"beta={self.beta}, lr={self.lr}, kl_warmup_steps={self.kl_warmup_steps}")
-        if self.binarization not in ("fixed", "dynamic"):
-            raise ValueError(f"VAEConfig.binarization must be 'fixed' or 'dynamic', got {self.binarization!r}")
+        runtime.check_fields(self, positive_ints=("channels", "latent_dim", "width", "hidden"),
+                             nonneg_ints=("kl_warmup_steps", "seed"), positive_floats=("lr",),
+                             nonneg_floats=("beta",), choices={"binarization": ("fixed", "dynamic")})
 
 
 class ConvEncoder(nn.Module):
     """``x (B, C, 28, 28) -> mu, logvar``, each ``(B, latent_dim)``.
 
-    Shapes: ``(B, C, 28, 28) -> (B, w, 14, 14) -> (B, 2w, 7, 7) -> (B, hidden) -> (B, 2D)``,
+    Shapes: ``(B, C, 28, 28) -> (B, w, 14, 14) -> (B, 2w, 7, 7) -> (B, hidden) -> (B, 2 d_z)``,
     strided 4x4 convolutions with ReLU; the last layer is linear (mu and logvar are
     unconstrained reals).
     """
@@ -271,7 +275,7 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """``z (B, latent_dim) -> logits (B, C, 28, 28)`` of independent Bernoulli pixels.
 
-    Shapes: ``(B, D) -> (B, hidden) -> (B, 2w, 7, 7) -> (B, w, 14, 14) -> (B, C, 28, 28)``,
+    Shapes: ``(B, d_z) -> (B, hidden) -> (B, 2w, 7, 7) -> (B, w, 14, 14) -> (B, C, 28, 28)``,
     the mirror image of :class:`ConvEncoder` with transposed convolutions.
     """
 
@@ -300,7 +304,7 @@ class VAE(nn.Module):
         self.decoder = ConvDecoder(config)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, 28, 28) -> mu, logvar`` of :math:`q(z|x)`, each ``(B, D)``."""
+        """``(B, C, 28, 28) -> mu, logvar`` of :math:`q(z|x)`, each ``(B, d_z)``."""
         if x.ndim != 4 or x.shape[1:] != (self.config.channels, 28, 28):
             raise ValueError(f"expected images of shape (B, {self.config.channels}, 28, 28), "
                              f"got {tuple(x.shape)}; the convolutions assume 28x28 images, so "
@@ -308,31 +312,51 @@ class VAE(nn.Module):
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits of :math:`p(x|z)`: ``(..., D) -> (..., C, 28, 28)`` (any leading axes)."""
+        """Logits of :math:`p(x|z)`: ``(..., d_z) -> (..., C, 28, 28)`` (any leading axes)."""
         lead = z.shape[:-1]
         return self.decoder(z.reshape(-1, z.shape[-1])).reshape(*lead, self.config.channels, 28, 28)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """One reparameterised pass: returns ``logits (B, C, 28, 28)``, ``mu``, ``logvar``
-        and ``z`` (each ``(B, D)``), with ``z`` drawn from :math:`q(z|x)`."""
+        and ``z`` (each ``(B, d_z)``), with ``z`` drawn from :math:`q(z|x)`."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, generator=generator)
         return self.decode(z), mu, logvar, z
 
 
 def build_vae(config: VAEConfig = VAEConfig(), device: torch.device | str = "cpu") -> VAE:
-    """A VAE whose initial weights depend only on ``config.seed`` (not on the global RNG)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    """A VAE whose initial weights depend only on ``config.seed``: drawn inside
+    :func:`genart_utils.runtime.seeded`, which leaves the global RNG as it was."""
+    with runtime.seeded(config.seed):
         model = VAE(config)
     return model.to(device)
+
+
+CONV_VAE_SIZES = {
+    "smoke": dict(model=VAEConfig(latent_dim=16, width=4, hidden=32), steps=60, batch_size=64,
+                  eval_every=20, n_eval=20, steps_2d=40, n_generated=200),
+    "cpu": dict(model=VAEConfig(latent_dim=16, width=16, hidden=256), steps=4_000, batch_size=64,
+                eval_every=100, n_eval=500, steps_2d=1_500, n_generated=4_500),
+    "gpu": dict(model=VAEConfig(latent_dim=32, width=32, hidden=512), steps=8_000, batch_size=64,
+                eval_every=200, n_eval=10_000, steps_2d=4_000, n_generated=10_000),
+}
+"""The sizes of notebooks/05_conv_vae.ipynb for each execution profile (the only thing that
+changes between profiles): ``cfg = runtime.profile_config(**vae.CONV_VAE_SIZES)``; the
+benchmarks import the same dict."""
 
 
 # ------------------------------------------------------------------------ training
 
 def kl_weight(step: int, config: VAEConfig) -> float:
-    """The KL weight at optimisation step ``step`` (0-based): ``beta``, ramped up linearly
-    over the first ``kl_warmup_steps`` steps (``beta * (step + 1) / kl_warmup_steps``)."""
+    r"""The KL weight at optimisation step ``step`` (0-based, the number of steps done before):
+
+    .. math:: w_t = \beta \min\Big(1, \frac{t + 1}{T_w}\Big) \quad (T_w > 0),
+              \qquad w_t = \beta \quad (T_w = 0),
+
+    with :math:`T_w` = ``config.kl_warmup_steps``: a linear ramp that reaches ``beta`` at
+    the last warm-up step (step :math:`T_w - 1`) and stays there."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0 (the number of steps done), got {step!r}")
     if config.kl_warmup_steps <= 0:
         return config.beta
     return config.beta * min(1.0, (step + 1) / config.kl_warmup_steps)
@@ -340,29 +364,37 @@ def kl_weight(step: int, config: VAEConfig) -> float:
 
 def make_train_step(model: VAE, optimizer: torch.optim.Optimizer, *,
                     device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-                    amp: bool = False) -> Callable[[tuple], dict[str, float]]:
+                    amp: bool = True, history: training.History | None = None
+                    ) -> Callable[[tuple], dict[str, float]]:
     r"""One optimisation step per call on a batch ``(x, ...)`` of images in ``[0, 1]``.
 
     The images are binarised as ``model.config.binarization`` says; the loss is
 
-    .. math:: -\frac1B \sum_b \Big(\log p_\theta(x_b \mid z_b) - w_t\,
+    .. math:: J = -\frac1B \sum_b \Big(\log p_\theta(x_b \mid z_b) - w_t\,
               \mathrm{KL}(q_\phi(z \mid x_b) \,\|\, p(z))\Big), \quad z_b \sim q_\phi(z \mid x_b),
 
-    with :math:`w_t` from :func:`kl_weight`; for :math:`w_t = 1` it is the negative ELBO.
+    with :math:`w_t` from :func:`kl_weight`; for :math:`w_t = 1` it is the negative ELBO,
+    :math:`J = -\mathcal L`. The step number :math:`t` is ``history.step`` when a
+    ``history`` is given (pass the one :func:`genart_utils.training.train` records into, so
+    that a run resumed from a checkpoint's history continues the warm-up where it stopped);
+    without one, the step function counts its own calls from 0. All noise (the
+    reparameterisation and dynamic binarisation) comes from ``generator``.
+
     Returns floats (nats per image): ``neg_elbo`` (always with weight 1, so runs with
     different weights stay comparable), ``recon_nll`` (:math:`-\mathbb E_q \log p(x|z)`,
     the distortion), ``kl`` (the rate) and ``kl_weight``. ``amp`` enables mixed precision on
-    CUDA; the loss itself is computed in float32.
+    CUDA (a no-op on CPU); the loss itself is computed in float32.
     """
     device = torch.device(device)
     config = model.config
     scaler = grad_scaler(device, amp)
-    state = {"step": 0}
+    calls = {"step": 0}   # used only without a history
 
     def step(batch) -> dict[str, float]:
+        t = history.step if history is not None else calls["step"]
         x = batch[0].to(device, non_blocking=True)
         x = binarize(x, config.binarization, generator=generator)
-        weight = kl_weight(state["step"], config)
+        weight = kl_weight(t, config)
         with autocast(device, amp):
             logits, mu, logvar, _ = model(x, generator)
         terms = elbo(x, logits.float(), mu.float(), logvar.float())
@@ -371,7 +403,7 @@ def make_train_step(model: VAE, optimizer: torch.optim.Optimizer, *,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        state["step"] += 1
+        calls["step"] += 1
         return {"neg_elbo": -terms.elbo.mean().item(),
                 "recon_nll": -terms.reconstruction.mean().item(),
                 "kl": terms.kl.mean().item(), "kl_weight": weight}
@@ -437,7 +469,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, *, generator: torch.Generato
         log_w = []
         for start in range(0, k, chunk):
             s = min(chunk, k - start)
-            z = reparameterize(mu, logvar, n_samples=s, generator=generator)     # (s, B, D)
+            z = reparameterize(mu, logvar, n_samples=s, generator=generator)     # (s, B, d_z)
             logits = model.decode(z).float()                                     # (s, B, C, H, W)
             log_w.append(log_importance_weights(x, logits, z, mu, logvar))       # (s, B)
         return log_mean_exp(torch.cat(log_w), dim=0).cpu()
@@ -453,6 +485,7 @@ def evaluate(model: VAE, x: torch.Tensor, *, ks: tuple[int, ...] = (), batch_siz
     ``iwae_{k}`` (the mean of ``-iwae_bound``, an upper bound on ``-log p(x)``) for each
     ``k`` in ``ks``. Every estimate draws its noise from a generator seeded with ``seed``.
     """
+    seed = operator.index(seed)   # an int (NumPy ints too); a float seed is refused
     terms = elbo_terms_of(model, x, generator=torch.Generator().manual_seed(seed))
     out = {"neg_elbo": float(-terms.elbo.mean()), "recon_nll": float(-terms.reconstruction.mean()),
            "kl": float(terms.kl.mean())}
@@ -464,30 +497,22 @@ def evaluate(model: VAE, x: torch.Tensor, *, ks: tuple[int, ...] = (), batch_siz
 
 
 def validation_callback(model: VAE, x_val: torch.Tensor, every: int, *,
-                        x_train: torch.Tensor | None = None, checkpoint: str | Path | None = None,
-                        modules: dict | None = None, seed: int = 0) -> training.Callback:
+                        x_train: torch.Tensor | None = None, seed: int = 0) -> training.Callback:
     """A callback for :func:`genart_utils.training.train` that, every ``every`` steps,
-    logs ``val_neg_elbo`` (mean negative ELBO on binary ``x_val``) and, with ``x_train``,
-    ``train_neg_elbo`` on those training images, evaluated the same way (same seed, model
-    in evaluation mode). With ``checkpoint``, it saves ``modules`` (default: the model)
-    there whenever ``val_neg_elbo`` improves, so the file ends up holding the best model;
-    its ``extra`` holds ``step`` and ``val_neg_elbo``.
-    """
-    best = {"value": math.inf}
-    modules = modules if modules is not None else {"model": model}
+    logs ``val_neg_elbo``, the mean negative ELBO on binary ``x_val`` (exactly
+    ``evaluate(model, x_val, seed=seed)["neg_elbo"]``), and, with ``x_train``,
+    ``train_neg_elbo`` on those training images, evaluated the same way.
 
+    It only logs. To keep the best model, put
+    ``training.keep_best(path, {"model": model}, "val_neg_elbo", config=model.config)``
+    after it in the callbacks: the best value is derived from the history, so a resumed run
+    never overwrites the best checkpoint with a worse one.
+    """
     def evaluate_now(step: int, history: training.History) -> None:
-        values = {"val_neg_elbo": -float(elbo_terms_of(
-            model, x_val, generator=torch.Generator().manual_seed(seed)).elbo.mean())}
+        values = {"val_neg_elbo": evaluate(model, x_val, seed=seed)["neg_elbo"]}
         if x_train is not None:
-            values["train_neg_elbo"] = -float(elbo_terms_of(
-                model, x_train, generator=torch.Generator().manual_seed(seed)).elbo.mean())
+            values["train_neg_elbo"] = evaluate(model, x_train, seed=seed)["neg_elbo"]
         history.log(step, values)
-        if values["val_neg_elbo"] < best["value"]:
-            best["value"] = values["val_neg_elbo"]
-            if checkpoint is not None:
-                training.save_checkpoint(checkpoint, modules, config=model.config, history=history,
-                                         extra={"step": step, "val_neg_elbo": values["val_neg_elbo"]})
 
     return training.every(every, evaluate_now)
 
@@ -497,7 +522,7 @@ def validation_callback(model: VAE, x_val: torch.Tensor, every: int, *,
 @torch.no_grad()
 def sample(model: VAE, n: int, generator: torch.Generator | None = None,
            z: torch.Tensor | None = None, binary: bool = False) -> torch.Tensor:
-    """Decode ``n`` codes ``z ~ N(0, I)`` (or the given ``z`` ``(n, D)``) into images.
+    """Decode ``n`` codes ``z ~ N(0, I)`` (or the given ``z`` ``(n, d_z)``) into images.
 
     Returns ``(n, C, 28, 28)`` on the CPU: the decoder's pixel probabilities
     :math:`\\sigma(\\ell)` (the mean of :math:`p(x|z)`, what VAE figures usually show), or,
@@ -531,67 +556,67 @@ def fit_pixel_bernoulli(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
 
 # ------------------------------------------------- linear-Gaussian model (probabilistic PCA)
 
-def linear_gaussian_log_likelihood(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+def linear_gaussian_log_likelihood(x: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
                                    sigma: torch.Tensor | float) -> torch.Tensor:
-    r"""Exact :math:`\log p(x)` of :math:`z \sim \mathcal N(0, I_D)`,
-    :math:`x \mid z \sim \mathcal N(Wz + b, \sigma^2 I_d)`: integrating out :math:`z`,
+    r"""Exact :math:`\log p(x)` of :math:`z \sim \mathcal N(0, I_{d_z})`,
+    :math:`x \mid z \sim \mathcal N(Az + b, \sigma^2 I_{d_x})`: integrating out :math:`z`,
 
-    .. math:: p(x) = \mathcal N(x;\, b,\, W W^\top + \sigma^2 I_d).
+    .. math:: p(x) = \mathcal N(x;\, b,\, A A^\top + \sigma^2 I_{d_x}).
 
     Args:
-        x: ``(B, d)``; W: ``(d, D)``; b: ``(d,)``; sigma: a positive scalar.
+        x: ``(B, d_x)``; A: ``(d_x, d_z)``; b: ``(d_x,)``; sigma: a positive scalar.
 
     Returns:
         ``(B,)``, in nats.
     """
-    sigma = torch.as_tensor(sigma, dtype=W.dtype)
-    cov = W @ W.T + sigma**2 * torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    sigma = torch.as_tensor(sigma, dtype=A.dtype)
+    cov = A @ A.T + sigma**2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     return torch.distributions.MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
 
 
-def linear_gaussian_posterior(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+def linear_gaussian_posterior(x: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
                               sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The exact posterior of the linear-Gaussian model, a Gaussian:
 
-    .. math:: p(z \mid x) = \mathcal N\big(M^{-1} W^\top (x - b),\; \sigma^2 M^{-1}\big),
-              \qquad M = W^\top W + \sigma^2 I_D.
+    .. math:: p(z \mid x) = \mathcal N\big(M^{-1} A^\top (x - b),\; \sigma^2 M^{-1}\big),
+              \qquad M = A^\top A + \sigma^2 I_{d_z}.
 
-    Its covariance does not depend on ``x``, and it is diagonal when the columns of ``W``
+    Its covariance does not depend on ``x``, and it is diagonal when the columns of ``A``
     are orthogonal.
 
     Returns:
-        mean ``(B, D)`` and covariance ``(D, D)``.
+        mean ``(B, d_z)`` and covariance ``(d_z, d_z)``.
     """
-    sigma = torch.as_tensor(sigma, dtype=W.dtype)
-    M = W.T @ W + sigma**2 * torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
-    mean = torch.linalg.solve(M, W.T @ (x - b).T).T
+    sigma = torch.as_tensor(sigma, dtype=A.dtype)
+    M = A.T @ A + sigma**2 * torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
+    mean = torch.linalg.solve(M, A.T @ (x - b).T).T
     return mean, sigma**2 * torch.linalg.inv(M)
 
 
-def linear_gaussian_elbo(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+def linear_gaussian_elbo(x: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
                          sigma: torch.Tensor | float, q_mean: torch.Tensor, q_cov: torch.Tensor
                          ) -> ELBOTerms:
     r"""The ELBO of the linear-Gaussian model for a Gaussian :math:`q(z) = \mathcal N(m, S)`,
     both terms in closed form (no sampling):
 
-    .. math:: \mathbb E_q[\log p(x \mid z)] = -\frac{\lVert x - b - W m\rVert^2
-              + \operatorname{tr}(W S W^\top)}{2\sigma^2} - \frac d2 \log(2\pi\sigma^2),
+    .. math:: \mathbb E_q[\log p(x \mid z)] = -\frac{\lVert x - b - A m\rVert^2
+              + \operatorname{tr}(A S A^\top)}{2\sigma^2} - \frac{d_x}{2} \log(2\pi\sigma^2),
 
     .. math:: \mathrm{KL}(q \,\|\, \mathcal N(0, I)) = \frac12\big(\operatorname{tr} S
-              + m^\top m - D - \log\det S\big).
+              + m^\top m - d_z - \log\det S\big).
 
     Args:
-        x: ``(B, d)``; W: ``(d, D)``; b: ``(d,)``; q_mean: ``(B, D)``;
-        q_cov: ``(D, D)`` or ``(B, D, D)``, symmetric positive definite (for a diagonal
-        :math:`q` pass ``torch.diag_embed(logvar.exp())``).
+        x: ``(B, d_x)``; A: ``(d_x, d_z)``; b: ``(d_x,)``; q_mean: ``(B, d_z)``;
+        q_cov: ``(d_z, d_z)`` or ``(B, d_z, d_z)``, symmetric positive definite (for a
+        diagonal :math:`q` pass ``torch.diag_embed(logvar.exp())``).
     """
-    sigma = torch.as_tensor(sigma, dtype=W.dtype)
-    d, D = W.shape
-    resid = x - b - q_mean @ W.T                                              # (B, d)
-    trace_wsw = torch.einsum("ij,...jk,ik->...", W, q_cov, W)                 # () or (B,)
-    rec = (-(resid.pow(2).sum(-1) + trace_wsw) / (2 * sigma**2)
-           - 0.5 * d * (LOG_2PI + 2 * torch.log(sigma)))
-    kl = 0.5 * (torch.diagonal(q_cov, dim1=-2, dim2=-1).sum(-1) + q_mean.pow(2).sum(-1) - D
+    sigma = torch.as_tensor(sigma, dtype=A.dtype)
+    d_x, d_z = A.shape
+    resid = x - b - q_mean @ A.T                                              # (B, d_x)
+    trace_asa = torch.einsum("ij,...jk,ik->...", A, q_cov, A)                 # () or (B,)
+    rec = (-(resid.pow(2).sum(-1) + trace_asa) / (2 * sigma**2)
+           - 0.5 * d_x * (LOG_2PI + 2 * torch.log(sigma)))
+    kl = 0.5 * (torch.diagonal(q_cov, dim1=-2, dim2=-1).sum(-1) + q_mean.pow(2).sum(-1) - d_z
                 - torch.logdet(q_cov))
     return ELBOTerms(rec, kl.expand_as(rec))
 
@@ -600,16 +625,20 @@ def linear_gaussian_elbo(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
 class LinearVAEConfig:
     """A VAE whose decoder is linear-Gaussian (probabilistic PCA) and whose encoder is linear."""
 
-    data_dim: int = 5          # d, the dimension of x
-    latent_dim: int = 2        # D, the dimension of z
+    data_dim: int = 5          # d_x, the dimension of x
+    latent_dim: int = 2        # d_z, the dimension of z
     init_scale: float = 0.1    # initial weights ~ N(0, init_scale^2)
     lr: float = 0.01           # Adam learning rate
     seed: int = 0              # seeds the initial weights
 
+    def __post_init__(self) -> None:
+        runtime.check_fields(self, positive_ints=("data_dim", "latent_dim"), nonneg_ints=("seed",),
+                             positive_floats=("init_scale", "lr"))
+
 
 class LinearVAE(nn.Module):
-    r"""Decoder :math:`p(x \mid z) = \mathcal N(Wz + b, \sigma^2 I)`, prior
-    :math:`\mathcal N(0, I)`, encoder :math:`q(z \mid x) = \mathcal N(Vx + c,
+    r"""Decoder :math:`p(x \mid z) = \mathcal N(Az + b, \sigma^2 I)`, prior
+    :math:`\mathcal N(0, I)`, encoder :math:`q(z \mid x) = \mathcal N(Ex + c,
     \operatorname{diag} e^{\text{logvar}})` with a variance that does not depend on ``x``
     (neither does the exact posterior's). Its :math:`\log p(x)` is exact, so the gap to the
     ELBO can be measured.
@@ -618,63 +647,66 @@ class LinearVAE(nn.Module):
     def __init__(self, config: LinearVAEConfig = LinearVAEConfig()):
         super().__init__()
         self.config = config
-        d, D = config.data_dim, config.latent_dim
-        g = torch.Generator().manual_seed(config.seed)
-        self.W = nn.Parameter(config.init_scale * torch.randn(d, D, generator=g))   # (d, D)
-        self.b = nn.Parameter(torch.zeros(d))                                        # (d,)
+        d_x, d_z = config.data_dim, config.latent_dim
+        with runtime.seeded(config.seed):   # initial weights from config.seed only
+            A, E = torch.randn(d_x, d_z), torch.randn(d_z, d_x)
+        self.A = nn.Parameter(config.init_scale * A)                                 # (d_x, d_z)
+        self.b = nn.Parameter(torch.zeros(d_x))                                      # (d_x,)
         self.log_sigma = nn.Parameter(torch.zeros(()))                               # ()
-        self.V = nn.Parameter(config.init_scale * torch.randn(D, d, generator=g))   # (D, d)
-        self.c = nn.Parameter(torch.zeros(D))                                        # (D,)
-        self.q_logvar = nn.Parameter(torch.zeros(D))                                 # (D,)
+        self.E = nn.Parameter(config.init_scale * E)                                 # (d_z, d_x)
+        self.c = nn.Parameter(torch.zeros(d_z))                                      # (d_z,)
+        self.q_logvar = nn.Parameter(torch.zeros(d_z))                               # (d_z,)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x (B, d) -> mu, logvar``, each ``(B, D)``."""
-        mu = x @ self.V.T + self.c
+        """``x (B, d_x) -> mu, logvar``, each ``(B, d_z)``."""
+        mu = x @ self.E.T + self.c
         return mu, self.q_logvar.expand_as(mu)
 
     def elbo_estimate(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ELBOTerms:
         """The two terms with one reparameterised sample (the usual VAE training signal)."""
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, generator=generator)
-        rec = gaussian_log_likelihood(x, z @ self.W.T + self.b, self.log_sigma)
+        rec = gaussian_log_likelihood(x, z @ self.A.T + self.b, self.log_sigma)
         return ELBOTerms(rec, gaussian_kl(mu, logvar))
 
     def elbo(self, x: torch.Tensor) -> ELBOTerms:
         """The two terms exactly (:func:`linear_gaussian_elbo`), ``(B,)`` each."""
         mu, logvar = self.encode(x)
-        return linear_gaussian_elbo(x, self.W, self.b, self.log_sigma.exp(), mu,
+        return linear_gaussian_elbo(x, self.A, self.b, self.log_sigma.exp(), mu,
                                     torch.diag_embed(logvar[0].exp()))
 
     def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
         """Exact :math:`\\log p(x)` ``(B,)`` (:func:`linear_gaussian_log_likelihood`)."""
-        return linear_gaussian_log_likelihood(x, self.W, self.b, self.log_sigma.exp())
+        return linear_gaussian_log_likelihood(x, self.A, self.b, self.log_sigma.exp())
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact posterior's mean ``(B, D)`` and covariance ``(D, D)``."""
-        return linear_gaussian_posterior(x, self.W, self.b, self.log_sigma.exp())
+        """The exact posterior's mean ``(B, d_z)`` and covariance ``(d_z, d_z)``."""
+        return linear_gaussian_posterior(x, self.A, self.b, self.log_sigma.exp())
 
 
 def ppca_fit(x: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Maximum-likelihood probabilistic PCA in closed form (Tipping and Bishop 1999).
 
-    With the sample covariance's eigenvalues :math:`\lambda_1 \ge \dots \ge \lambda_d` and
-    eigenvectors :math:`U`: :math:`b = \bar x`, :math:`\sigma^2 = \frac{1}{d - D}
-    \sum_{j > D} \lambda_j` and :math:`W = U_D (\Lambda_D - \sigma^2 I)^{1/2}` (up to a
-    rotation of the latent space, which leaves :math:`p(x)` unchanged).
+    With the sample covariance's eigenvalues :math:`\lambda_1 \ge \dots \ge \lambda_{d_x}`
+    and eigenvectors :math:`U`: :math:`b = \bar x`, :math:`\sigma^2 = \frac{1}{d_x - d_z}
+    \sum_{j > d_z} \lambda_j` and :math:`A = U_{d_z} (\Lambda_{d_z} - \sigma^2 I)^{1/2}`
+    (up to a rotation of the latent space, which leaves :math:`p(x)` unchanged).
 
     Args:
-        x: ``(N, d)`` with ``d > latent_dim``.
+        x: ``(N, d_x)`` with ``d_x > latent_dim``.
 
     Returns:
-        ``W (d, D)``, ``b (d,)`` and ``sigma`` (a scalar tensor).
+        ``A (d_x, d_z)``, ``b (d_x,)`` and ``sigma`` (a scalar tensor).
     """
-    n, d = x.shape
-    if not 0 < latent_dim < d:
-        raise ValueError(f"latent_dim must be between 1 and d - 1 = {d - 1}, got {latent_dim}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be a (N, d_x) matrix of N data points, got shape {tuple(x.shape)}")
+    n, d_x = x.shape
+    if not 0 < latent_dim < d_x:
+        raise ValueError(f"latent_dim must be between 1 and d_x - 1 = {d_x - 1}, got {latent_dim}")
     b = x.mean(0)
     cov = (x - b).T @ (x - b) / n           # the maximum-likelihood covariance (divides by N)
     values, vectors = torch.linalg.eigh(cov)  # ascending
     values, vectors = values.flip(0), vectors.flip(1)
     sigma2 = values[latent_dim:].mean()
-    W = vectors[:, :latent_dim] * (values[:latent_dim] - sigma2).clamp(min=0).sqrt()
-    return W, b, sigma2.sqrt()
+    A = vectors[:, :latent_dim] * (values[:latent_dim] - sigma2).clamp(min=0).sqrt()
+    return A, b, sigma2.sqrt()

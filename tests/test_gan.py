@@ -1,5 +1,7 @@
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +38,15 @@ def test_losses_stay_finite_where_probabilities_saturate():
         gan.generator_loss(extreme, "wasserstein")
 
 
+def test_losses_refuse_an_empty_batch():
+    empty, some = torch.zeros(0), torch.zeros(3)
+    for call in (lambda: gan.discriminator_loss(empty, some), lambda: gan.discriminator_loss(some, empty),
+                 lambda: gan.value_function(empty, some), lambda: gan.generator_loss(empty),
+                 lambda: gan.generator_loss(empty, "saturating")):
+        with pytest.raises(ValueError, match="empty"):
+            call()
+
+
 def test_generator_loss_gradients_wrt_logit():
     logits = torch.tensor([-6.0, 0.0, 6.0], requires_grad=True)
     (g_sat,) = torch.autograd.grad(gan.generator_loss(logits, "saturating") * 3, logits)
@@ -56,10 +67,84 @@ def test_dcgan_shapes_and_init():
     assert abs(float(w.detach().std()) - 0.02) < 0.005
 
 
-def test_mlp_gan_shapes():
+def test_dcgan_discriminator_gives_one_logit_per_image_and_refuses_other_sizes():
+    cfg = gan.DCGANConfig(latent_dim=8, g_width=4, d_width=4)
+    _, D = gan.build_dcgan(cfg)
+    D.eval()                          # batch norm on running statistics: each image alone
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        together = D(x)
+        alone = torch.cat([D(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone)
+    for bad in (torch.zeros(2, 1, 32, 32), torch.zeros(1, 28, 28), torch.zeros(2, 3, 28, 28)):
+        with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+            D(bad)                    # two 32x32 images would give 8 logits
+    G, _ = gan.build_dcgan(cfg)
+    with pytest.raises(ValueError, match="codes of shape"):
+        G(torch.zeros(2, 8, 1, 1))
+
+
+def test_mlp_gan_is_per_example_and_refuses_inputs_without_a_batch_axis():
     cfg = gan.MLPGANConfig(hidden=16, depth=2)
-    assert gan.MLPGenerator(cfg)(torch.randn(4, 2)).shape == (4, 2)
-    assert gan.MLPDiscriminator(cfg)(torch.randn(4, 2)).shape == (4,)
+    G, D = gan.build_mlp_gan(cfg)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # no layer mixes examples: each row's logit is the row's alone
+        torch.testing.assert_close(D(x), torch.cat([D(x[i:i + 1]) for i in range(6)]))
+        torch.testing.assert_close(G(x), torch.cat([G(x[i:i + 1]) for i in range(6)]))
+    with pytest.raises(ValueError, match=r"points of shape \(B, 2\)"):
+        D(x[0])                       # one point without its batch axis used to give a scalar
+    with pytest.raises(ValueError, match=r"codes of shape \(B, 2\)"):
+        G(torch.zeros(4, 3))
+
+
+def test_configs_validate_their_fields_and_accept_numpy_numbers(tmp_path):
+    bad_fields = [(dict(latent_dim=0), "latent_dim"), (dict(hidden=2.5), "hidden"),
+                  (dict(lr=-1.0), "lr"), (dict(beta1=1.0), "beta1"),
+                  (dict(loss="wasserstein"), "loss"), (dict(seed=-1), "seed")]
+    for bad, field in bad_fields:
+        with pytest.raises(ValueError, match=f"MLPGANConfig.{field}"):
+            gan.MLPGANConfig(**bad)
+        dc_bad = {("g_width" if k == "hidden" else k): v for k, v in bad.items()}
+        with pytest.raises(ValueError, match=f"DCGANConfig.{field.replace('hidden', 'g_width')}"):
+            gan.DCGANConfig(**dc_bad)
+    cfg = gan.DCGANConfig(latent_dim=np.int64(8), g_width=np.int32(4), d_width=4, lr=np.float64(1e-3))
+    assert type(cfg.latent_dim) is int and type(cfg.g_width) is int and type(cfg.lr) is float
+    G, D = gan.build_dcgan(cfg)
+    path = training.save_checkpoint(tmp_path / "g.pt", {"generator": G}, config=cfg)
+    assert training.load_checkpoint(path, config_type=gan.DCGANConfig).config == cfg
+
+
+def test_initial_weights_depend_only_on_the_config_seed():
+    cfg = gan.DCGANConfig(latent_dim=8, g_width=4, d_width=4, seed=3)
+
+    def weights(pair):
+        return [p.detach().clone() for net in pair for p in net.parameters()]
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = weights(gan.build_dcgan(cfg))
+    assert torch.equal(torch.rand(1), before)            # the global RNG was not touched
+    torch.manual_seed(999)                              # another global state: same weights
+    assert all(torch.equal(x, y) for x, y in zip(a, weights(gan.build_dcgan(cfg))))
+    other = weights(gan.build_dcgan(dataclasses.replace(cfg, seed=4)))
+    assert not all(torch.equal(x, y) for x, y in zip(a, other))
+    mlp = gan.MLPGANConfig(hidden=8, depth=1, seed=2)
+    m1, m2 = weights(gan.build_mlp_gan(mlp)), weights(gan.build_mlp_gan(mlp))
+    assert all(torch.equal(x, y) for x, y in zip(m1, m2))
+
+
+def test_train_step_takes_the_generator_loss_from_the_config():
+    g = torch.Generator().manual_seed(0)
+    x, _ = data.ring_of_gaussians(256, modes=8, radius=2.0, std=0.05, generator=g)
+    for loss in ("saturating", "non_saturating"):
+        cfg = gan.MLPGANConfig(hidden=16, depth=1, loss=loss)
+        G, D = gan.build_mlp_gan(cfg)
+        opt_g, opt_d = gan.adam_pair(G, D, cfg.lr, cfg.beta1)
+        step = gan.make_train_step(G, D, opt_g, opt_d, generator=torch.Generator().manual_seed(1))
+        out = [step((x[i:i + 64],)) for i in range(0, 256, 64)]
+        # J_G = E log(1 - D) < 0 (saturating) and J_G = -E log D > 0 (non-saturating), always
+        assert all((o["loss_g"] < 0) == (loss == "saturating") for o in out), (loss, out)
 
 
 def test_sample_is_deterministic_under_a_seed_and_restores_mode():
@@ -79,12 +164,38 @@ def test_slerp_end_points_and_norm():
     assert path.norm(dim=1).min() > 0.9 * min(z0.norm(), z1.norm())
 
 
+def test_slerp_walks_the_circle_at_constant_speed():
+    # Unit vectors in the plane at angles a and b: slerp at t is the unit vector at angle
+    # a + t (b - a), for angles between them from tiny to nearly pi.
+    t = torch.linspace(0, 1, 7, dtype=torch.float64)
+    for a, b in [(0.3, 1.9), (-2.0, 1.0), (0.0, 3.1), (1.0, 1.0 + 1e-7)]:
+        unit = lambda angle: torch.tensor([math.cos(angle), math.sin(angle)], dtype=torch.float64)
+        expected = torch.stack([unit(a + float(s) * (b - a)) for s in t])
+        torch.testing.assert_close(gan.slerp(unit(a), unit(b), t), expected, rtol=0, atol=1e-12)
+
+
+def test_slerp_handles_parallel_codes_and_refuses_undefined_ones():
+    z = torch.randn(100, generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(0, 1, 5)
+    same = gan.slerp(z, z.clone(), t)
+    assert torch.isfinite(same).all()
+    torch.testing.assert_close(same, z.expand(5, -1))
+    torch.testing.assert_close(gan.slerp(z, 3 * z, t), (1 - t)[:, None] * z + t[:, None] * (3 * z))
+    with pytest.raises(ValueError, match="zero vector"):
+        gan.slerp(z, torch.zeros(100), t)                # used to return NaN
+    with pytest.raises(ValueError, match="zero vector"):
+        gan.slerp(torch.zeros(100), z, t)
+    with pytest.raises(ValueError, match="opposite"):
+        gan.slerp(z, -2 * z, t)                          # used to divide by sin(pi) ~ 1e-8
+    with pytest.raises(ValueError, match="same size"):
+        gan.slerp(z, z[:50], t)
+
+
 def test_tiny_gan_covers_more_modes_after_training():
-    torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, centers = data.ring_of_gaussians(4096, modes=8, radius=2.0, std=0.05, generator=g)
     cfg = gan.MLPGANConfig(hidden=64, depth=2, lr=2e-3)
-    G, D = gan.MLPGenerator(cfg), gan.MLPDiscriminator(cfg)
+    G, D = gan.build_mlp_gan(cfg)
     opt_g, opt_d = gan.adam_pair(G, D, cfg.lr, cfg.beta1)
 
     def coverage():
@@ -93,7 +204,7 @@ def test_tiny_gan_covers_more_modes_after_training():
         return metrics.mode_coverage(s, centers, std=0.05, threshold=4.0)
 
     before = coverage()
-    step = gan.make_train_step(G, D, opt_g, opt_d, latent_dim=2, generator=g)
+    step = gan.make_train_step(G, D, opt_g, opt_d, generator=g)
     training.train(step, training.minibatches(x, batch_size=256), 800, progress=False)
     after = coverage()
     assert after["modes_covered"] >= before["modes_covered"] + 3
@@ -199,13 +310,28 @@ def test_principal_latent_directions_move_the_first_features_most():
         gan.principal_latent_directions(G, k=13)
 
 
-@pytest.mark.parametrize("latent_dim, width", [(100, 32), (100, 64), (100, 16)])
-def test_dcgan_shapes_for_the_notebook_sizes(latent_dim, width):
-    G, D = gan.build_dcgan(gan.DCGANConfig(latent_dim=latent_dim, g_width=width, d_width=width))
-    shapes, x = [], torch.randn(3, latent_dim)[:, :, None, None]
-    for layer in G.net:
-        x = layer(x)
-        if isinstance(layer, torch.nn.ConvTranspose2d):
-            shapes.append(tuple(x.shape[1:]))
-    assert shapes == [(2 * width, 7, 7), (width, 14, 14), (1, 28, 28)]
-    assert D(x).shape == (3,)
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_dcgan_of_each_profile_follows_the_size_formulas_and_the_parameter_count(profile):
+    sizes = gan.DCGAN_SIZES[profile]
+    cfg = gan.DCGANConfig(g_width=sizes["g_width"], d_width=sizes["d_width"])
+    G, D = gan.build_dcgan(cfg)
+    Z, g, d, C = cfg.latent_dim, cfg.g_width, cfg.d_width, cfg.channels
+    # Output sizes: (n - 1) s - 2p + k for a transposed convolution, (n + 2p - k) // s + 1
+    # for a convolution, from each layer's own kernel, stride and padding.
+    for net, first, formula in [(G.net, 1, lambda n, k, s, p: (n - 1) * s - 2 * p + k),
+                                (D.net, 28, lambda n, k, s, p: (n + 2 * p - k) // s + 1)]:
+        convs = [m for m in net if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        inputs = torch.zeros(2, Z) if net is G.net else torch.zeros(2, C, 28, 28)
+        shapes = training.layer_shapes(G if net is G.net else D, inputs,
+                                       {str(i): m for i, m in enumerate(convs)})
+        n = first
+        for i, m in enumerate(convs):
+            n = formula(n, m.kernel_size[0], m.stride[0], m.padding[0])
+            assert shapes[str(i)] == (2, m.out_channels, n, n)
+        assert n == (28 if net is G.net else 1)
+    # Parameter counts in closed form (kernels 7x7 and 4x4, biases only where no batch norm
+    # follows, two numbers per batch-norm channel).
+    n_g = Z * 2 * g * 49 + 2 * 2 * g + 2 * g * g * 16 + 2 * g + g * C * 16 + C
+    n_d = C * d * 16 + d + d * 2 * d * 16 + 2 * 2 * d + 2 * d * 49 + 1
+    assert sum(p.numel() for p in G.parameters()) == n_g
+    assert sum(p.numel() for p in D.parameters()) == n_d

@@ -3,15 +3,12 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from genart_utils import gpt, text, training
-
-
-
-
+from genart_utils import gpt, sampling, text, training
 
 TINY = gpt.GPTConfig(vocab_size=7, block_size=16, n_layer=2, n_head=2, n_embd=16, seed=0)
 
@@ -23,6 +20,23 @@ def test_config_rejects_bad_shapes():
         gpt.GPTConfig(attention="flash")
     with pytest.raises(ValueError, match="vocab_size"):
         gpt.GPTConfig(vocab_size=0)
+    with pytest.raises(ValueError, match="GPTConfig.dropout"):
+        gpt.GPTConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="TrainConfig.min_lr"):
+        gpt.TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ValueError, match="TrainConfig.warmup_steps"):
+        gpt.TrainConfig(warmup_steps=-1)
+
+
+def test_configs_accept_numpy_numbers_and_store_python_ones(tmp_path):
+    cfg = gpt.GPTConfig(vocab_size=np.int64(7), block_size=16, n_layer=np.int32(2), n_head=2,
+                        n_embd=16, dropout=np.float64(0.1))
+    assert cfg == dataclasses.replace(TINY, dropout=0.1)
+    assert type(cfg.vocab_size) is int and type(cfg.n_layer) is int and type(cfg.dropout) is float
+    path = training.save_checkpoint(tmp_path / "m.pt", {"model": gpt.GPT(cfg)}, config=cfg)
+    assert training.load_checkpoint(path, config_type=gpt.GPTConfig).config == cfg
+    tc = gpt.TrainConfig(steps=np.int64(10), lr=np.float32(0.5), min_lr=0.25)
+    assert type(tc.steps) is int and tc.lr == 0.5
 
 
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])
@@ -63,10 +77,18 @@ def test_both_attention_paths_give_the_same_model_output():
 
 
 def test_weights_are_tied_and_initialisation_is_seeded():
-    a, b = gpt.GPT(TINY), gpt.GPT(TINY)
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    a = gpt.GPT(TINY)
+    assert torch.equal(torch.rand(1), before)          # building a model leaves the global RNG alone
+    b = gpt.GPT(TINY)
     assert a.lm_head.weight is a.tok_emb.weight
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+    c = gpt.GPT(dataclasses.replace(TINY, seed=1))
+    assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
+    assert abs(float(a.tok_emb.weight.detach().std()) - 0.02) < 0.005
     untied = gpt.GPT(dataclasses.replace(TINY, tie_weights=False))
     assert gpt.num_parameters(untied) - gpt.num_parameters(a) == TINY.vocab_size * TINY.n_embd
 
@@ -100,9 +122,176 @@ def test_token_log_probs_with_windows_equals_one_pass_within_the_context():
     with torch.no_grad():
         direct = torch.log_softmax(model(ids[None, :-1]), -1)[0].gather(-1, ids[1:, None])[:, 0]
     assert torch.allclose(gpt.token_log_probs(model, ids), direct, atol=1e-12)
-    long = torch.randint(0, 7, (100,), generator=torch.Generator().manual_seed(5))
-    lp = gpt.token_log_probs(model, long, stride=4)
-    assert lp.shape == (99,) and torch.isfinite(lp).all()
+
+
+
+@pytest.mark.parametrize("stride", [1, 4, 8, 16, None])
+def test_token_log_probs_of_a_long_stream_equal_one_pass_over_each_positions_context(stride):
+    # Brute force: position i (1 <= i < N) is scored with the context ids[s:i], where s = 0
+    # while i <= T, and otherwise the first window start (a multiple of the stride) that
+    # leaves it at least T - stride + 1 tokens of context.
+    model = gpt.GPT(TINY).double().eval()
+    T, N = TINY.block_size, 100
+    step = stride or T // 2
+    ids = torch.randint(0, 7, (N,), generator=torch.Generator().manual_seed(5))
+    expected = []
+    with torch.no_grad():
+        for i in range(1, N):
+            s = 0 if i <= T else step * math.ceil((i - T) / step)
+            assert 1 <= i - s <= T
+            expected.append(torch.log_softmax(model(ids[None, s:i])[0, -1], -1)[ids[i]])
+    lp = gpt.token_log_probs(model, ids, stride=stride, batch_size=3)
+    torch.testing.assert_close(lp, torch.stack(expected), rtol=0, atol=1e-12)
+
+
+def test_token_log_probs_and_generate_refuse_bad_arguments():
+    model = gpt.GPT(TINY)
+    ids = torch.randint(0, 7, (40,), generator=torch.Generator().manual_seed(0))
+    for stride in (0, -1, 17, 2.5, True):
+        with pytest.raises(ValueError, match="stride must be an int in 1..block_size"):
+            gpt.token_log_probs(model, ids, stride=stride)    # stride=0 used to mean the default
+    torch.testing.assert_close(gpt.token_log_probs(model, ids, stride=np.int64(4)),
+                               gpt.token_log_probs(model, ids, stride=4))
+    prompt = torch.tensor([1, 2])
+    for bad in (-1, 2.5, True, None):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+            gpt.generate(model, prompt, bad)                # -1 used to return the prompt
+    assert torch.equal(gpt.generate(model, prompt, 0), prompt)
+    assert gpt.generate(model, prompt, np.int64(3), temperature=0).shape == (5,)
+
+
+def test_out_of_vocabulary_ids_give_a_clear_error():
+    model = gpt.GPT(TINY)
+    for bad in (torch.tensor([[1, 7]]), torch.tensor([[-1, 2]])):
+        with pytest.raises(ValueError, match=r"outside the vocabulary.*vocab_size=7.*0\.\.6"):
+            model(bad)                                       # used to be a raw IndexError
+        with pytest.raises(ValueError, match="vocab_size=7"):
+            gpt.generate(model, bad[0], 3)
+        with pytest.raises(ValueError, match="vocab_size=7"):
+            gpt.token_log_probs(model, torch.cat([torch.tensor([1, 2, 3]), bad[0]]))
+    assert model.training                                   # a refused call changes no mode
+    with pytest.raises(ValueError, match=r"\(B, T\) integer tensor"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"\(B, T\) integer tensor"):
+        model(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa"])
+def test_cached_logits_equal_a_full_forward_pass(attention):
+    model = gpt.GPT(dataclasses.replace(TINY, attention=attention)).double().eval()
+    ids = torch.randint(0, 7, (3, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids)                                    # (3, 16, 7)
+        cache = gpt.KVCache(TINY.n_layer)
+        pieces = [model(ids[:, :5], cache)]                  # a prompt, then one token at a time
+        pieces += [model(ids[:, t:t + 1], cache) for t in range(5, 16)]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-12)
+
+
+def test_lm_loss_is_the_mean_negative_log_likelihood():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (2, 5), generator=g)
+    by_hand = -torch.log_softmax(logits, -1).gather(-1, y[..., None]).mean()
+    assert math.isclose(float(gpt.lm_loss(logits, y)), float(by_hand), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        gpt.lm_loss(logits, y[:, :4])
+
+
+def test_token_log_probs_with_windows_equals_one_pass_within_the_context():
+    model = gpt.GPT(TINY).double()
+    ids = torch.randint(0, 7, (16,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        direct = torch.log_softmax(model(ids[None, :-1]), -1)[0].gather(-1, ids[1:, None])[:, 0]
+    assert torch.allclose(gpt.token_log_probs(model, ids), direct, atol=1e-12)
+
+
+
+@pytest.mark.parametrize("stride", [1, 4, 8, 16, None])
+def test_token_log_probs_of_a_long_stream_equal_one_pass_over_each_positions_context(stride):
+    # Brute force: position i (1 <= i < N) is scored with the context ids[s:i], where s = 0
+    # while i <= T, and otherwise the first window start (a multiple of the stride) that
+    # leaves it at least T - stride + 1 tokens of context.
+    model = gpt.GPT(TINY).double().eval()
+    T, N = TINY.block_size, 100
+    step = stride or T // 2
+    ids = torch.randint(0, 7, (N,), generator=torch.Generator().manual_seed(5))
+    expected = []
+    with torch.no_grad():
+        for i in range(1, N):
+            s = 0 if i <= T else step * math.ceil((i - T) / step)
+            assert 1 <= i - s <= T
+            expected.append(torch.log_softmax(model(ids[None, s:i])[0, -1], -1)[ids[i]])
+    lp = gpt.token_log_probs(model, ids, stride=stride, batch_size=3)
+    torch.testing.assert_close(lp, torch.stack(expected), rtol=0, atol=1e-12)
+
+
+def test_token_log_probs_and_generate_refuse_bad_arguments():
+    model = gpt.GPT(TINY)
+    ids = torch.randint(0, 7, (40,), generator=torch.Generator().manual_seed(0))
+    for stride in (0, -1, 17, 2.5, True):
+        with pytest.raises(ValueError, match="stride must be an int in 1..block_size"):
+            gpt.token_log_probs(model, ids, stride=stride)    # stride=0 used to mean the default
+    torch.testing.assert_close(gpt.token_log_probs(model, ids, stride=np.int64(4)),
+                               gpt.token_log_probs(model, ids, stride=4))
+    prompt = torch.tensor([1, 2])
+    for bad in (-1, 2.5, True, None):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+            gpt.generate(model, prompt, bad)                # -1 used to return the prompt
+    assert torch.equal(gpt.generate(model, prompt, 0), prompt)
+    assert gpt.generate(model, prompt, np.int64(3), temperature=0).shape == (5,)
+
+
+def test_out_of_vocabulary_ids_give_a_clear_error():
+    model = gpt.GPT(TINY)
+    for bad in (torch.tensor([[1, 7]]), torch.tensor([[-1, 2]])):
+        with pytest.raises(ValueError, match=r"outside the vocabulary.*vocab_size=7.*0\.\.6"):
+            model(bad)                                       # used to be a raw IndexError
+        with pytest.raises(ValueError, match="vocab_size=7"):
+            gpt.generate(model, bad[0], 3)
+        with pytest.raises(ValueError, match="vocab_size=7"):
+            gpt.token_log_probs(model, torch.cat([torch.tensor([1, 2, 3]), bad[0]]))
+    assert model.training                                   # a refused call changes no mode
+    with pytest.raises(ValueError, match=r"\(B, T\) integer tensor"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"\(B, T\) integer tensor"):
+        model(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa"])
+def test_cached_logits_equal_a_full_forward_pass(attention):
+    model = gpt.GPT(dataclasses.replace(TINY, attention=attention)).double().eval()
+    ids = torch.randint(0, 7, (3, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids)                                    # (3, 16, 7)
+        cache = gpt.KVCache(TINY.n_layer)
+        pieces = [model(ids[:, :5], cache)]                  # a prompt, then one token at a time
+        pieces += [model(ids[:, t:t + 1], cache) for t in range(5, 16)]
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-12)
+
+
+def test_generate_with_top_k_top_p_and_stop():
+    model = gpt.GPT(TINY).double()                       # near-uniform: no two logits tie
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    greedy = gpt.generate(model, prompt, 12, temperature=0)     # 15 tokens: within the context
+    for options in (dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, temperature=2.0)):
+        sampled = gpt.generate(model, prompt, 12, generator=torch.Generator().manual_seed(0), **options)
+        assert torch.equal(sampled, greedy), options        # one token left: the greedy one
+    # top-k draws only among the k most likely tokens at every step (checked by hand).
+    seq = gpt.generate(model, prompt, 12, top_k=2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(seq[:, :-1])[:, 2:]                   # the distributions the 12 draws came from
+    ranks = (logits > logits.gather(-1, seq[:, 3:, None])).sum(-1)
+    assert ranks.max() <= 1 and ranks.float().mean() > 0    # second-best tokens were drawn too
+    # stop only cuts: the same draws, ended once every row has produced the stop sequence.
+    full = gpt.generate(model, prompt[0], 12, top_k=3, generator=torch.Generator().manual_seed(2))
+    stop = full[3 + 6:3 + 8].tolist()                        # two tokens the run produces
+    cut = gpt.generate(model, prompt[0], 12, top_k=3, stop=stop, generator=torch.Generator().manual_seed(2))
+    new = full[3:].tolist()
+    end = next(i + 2 for i in range(len(new) - 1) if new[i:i + 2] == stop)
+    assert torch.equal(cut, full[:3 + end]) and cut[-2:].tolist() == stop
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_min_lr():
@@ -120,7 +309,7 @@ def test_tiny_gpt_overfits_a_short_sequence():
     model = gpt.GPT(config)
     tc = gpt.TrainConfig(steps=100, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=10, weight_decay=0.0)
     opt = gpt.configure_optimizer(model, tc)
-    step = gpt.make_train_step(model, opt, gpt.make_scheduler(opt, tc), torch.device("cpu"))
+    step = gpt.make_train_step(model, opt, scheduler=gpt.make_scheduler(opt, tc))
     history = training.train(step, text.random_windows(ids, 24, 8, seed=0), tc.steps, progress=False)
     first, last = history.records["loss"][1][0], history.last("loss")
     assert first > math.log(vocab.size) - 0.3          # starts near the uniform guess
@@ -140,3 +329,27 @@ def test_generate_texts_batches_by_prompt_length_and_cuts_at_stop():
         assert continuation == expected
     sampled = gpt.generate_texts(model, vocab, prompts, 12, seed=3)
     assert sampled == gpt.generate_texts(model, vocab, prompts, 12, seed=3)      # seeded
+    assert sampled == gpt.generate_texts(model, vocab, prompts, np.int64(12), seed=np.int64(3))
+
+
+def test_dropout_noise_comes_from_the_generator():
+    config = dataclasses.replace(TINY, dropout=0.2)
+    ids = torch.randint(0, 7, (200,), generator=torch.Generator().manual_seed(0))
+
+    def losses(seed: int) -> list[float]:
+        model = gpt.GPT(config)
+        tc = gpt.TrainConfig(steps=5, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1)
+        opt = gpt.configure_optimizer(model, tc)
+        step = gpt.make_train_step(model, opt, generator=torch.Generator().manual_seed(seed),
+                                   scheduler=gpt.make_scheduler(opt, tc), grad_clip=tc.grad_clip)
+        history = training.train(step, text.random_windows(ids, 16, 4, seed=0), tc.steps, progress=False)
+        return history.series("loss")[1].tolist()
+
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    a = losses(1)
+    assert torch.equal(torch.rand(1), before)            # the masks did not come from the global RNG
+    torch.manual_seed(99)
+    assert losses(1) == a                                # same generator, same masks, same losses
+    assert losses(2) != a

@@ -1,5 +1,7 @@
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Bernoulli, Independent, MultivariateNormal, Normal, kl_divergence
@@ -7,8 +9,6 @@ from torch.distributions import Bernoulli, Independent, MultivariateNormal, Norm
 from genart_utils import data, distributions, training, vae
 
 TINY = vae.VAEConfig(latent_dim=4, width=4, hidden=16, lr=3e-3, seed=0)
-
-
 
 
 def _binary_digits(n: int) -> torch.Tensor:
@@ -151,3 +151,130 @@ def test_determinism_under_a_seed():
     torch.manual_seed(123)
     vae.build_vae(TINY)
     assert torch.equal(torch.rand(1), a)
+
+
+def test_kl_weight_ramps_linearly_to_beta():
+    ramp = dataclasses.replace(TINY, beta=2.0, kl_warmup_steps=4)
+    # beta * min(1, (t + 1) / T_w): reaches beta at step T_w - 1 and stays there
+    assert [vae.kl_weight(t, ramp) for t in range(7)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0]
+    assert [vae.kl_weight(t, dataclasses.replace(TINY, beta=0.25)) for t in (0, 5, 10**6)] == [0.25] * 3
+    assert vae.kl_weight(np.int64(1), ramp) == 1.0
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        vae.kl_weight(-1, ramp)
+
+
+def test_train_step_reads_the_warm_up_step_from_the_history():
+    x = data.load_mnist5k("train").images[:64]
+    config = dataclasses.replace(TINY, kl_warmup_steps=4)
+
+    def logged_weights(history):
+        model = vae.build_vae(config)
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        step = vae.make_train_step(model, opt, generator=torch.Generator().manual_seed(0), history=history)
+        out = training.train(step, training.minibatches(x, batch_size=16), 6, history=history, progress=False)
+        return out.series("kl_weight")[1].tolist()
+
+    assert logged_weights(training.History()) == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # A history that already holds 3 steps (a resumed run) continues the ramp at step 3.
+    assert logged_weights(training.History(step=3)) == [1.0, 1.0, 1.0]
+    # Without a history the step function counts its own calls from 0.
+    model = vae.build_vae(config)
+    step = vae.make_train_step(model, torch.optim.Adam(model.parameters()), generator=torch.Generator())
+    assert [step((x[:8],))["kl_weight"] for _ in range(3)] == [0.25, 0.5, 0.75]
+
+
+def test_validation_callback_logs_what_evaluate_reports_and_saves_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    x = data.load_mnist5k("train").images[:96]
+    x_val, x_check = _binary_digits(40), vae.binarize(x[:24])
+    model = vae.build_vae(TINY)
+    opt = torch.optim.Adam(model.parameters(), lr=TINY.lr)
+    step = vae.make_train_step(model, opt, generator=torch.Generator().manual_seed(0))
+    expected = {}
+
+    def reference(step_number: int, history: training.History) -> None:   # runs right after it
+        if step_number % 3 == 0:
+            expected[step_number] = (vae.evaluate(model, x_val, seed=7)["neg_elbo"],
+                                     vae.evaluate(model, x_check, seed=7)["neg_elbo"])
+            assert model.training                     # evaluation put the model back in training mode
+
+    validate = vae.validation_callback(model, x_val, 3, x_train=x_check, seed=7)
+    history = training.train(step, training.minibatches(x, batch_size=16), 9,
+                             callbacks=[validate, reference], progress=False)
+    steps, val = history.series("val_neg_elbo")
+    _, train = history.series("train_neg_elbo")
+    assert steps.tolist() == [3, 6, 9]
+    assert [(v, t) for v, t in zip(val.tolist(), train.tolist())] == [expected[s] for s in (3, 6, 9)]
+    assert val[-1] < val[0]
+    assert list(tmp_path.iterdir()) == []             # it only logs: no checkpoint anywhere
+
+
+def test_ppca_fit_is_the_maximum_likelihood_solution():
+    g = torch.Generator().manual_seed(0)
+    d, D, N = 6, 2, 4000
+    W_true = torch.randn(d, D, generator=g, dtype=torch.float64) * 2
+    b_true = torch.randn(d, generator=g, dtype=torch.float64)
+    sigma_true = 0.5
+    z = torch.randn(N, D, generator=g, dtype=torch.float64)
+    x = z @ W_true.T + b_true + sigma_true * torch.randn(N, d, generator=g, dtype=torch.float64)
+    W, b, sigma = vae.ppca_fit(x, D)
+
+    def mean_log_lik(W, b, log_sigma):
+        return vae.linear_gaussian_log_likelihood(x, W, b, log_sigma.exp()).mean()
+
+    # A stationary point of the exact log-likelihood ...
+    params = [W.clone().requires_grad_(), b.clone().requires_grad_(), sigma.log().clone().requires_grad_()]
+    best = mean_log_lik(*params)
+    for grad in torch.autograd.grad(best, params):
+        assert grad.abs().max() < 1e-8
+    # ... that no other parameters beat: the true ones, and random perturbations.
+    assert best > mean_log_lik(W_true, b_true, torch.tensor(math.log(sigma_true), dtype=torch.float64))
+    for _ in range(20):
+        dW = 0.05 * torch.randn(d, D, generator=g, dtype=torch.float64)
+        db = 0.05 * torch.randn(d, generator=g, dtype=torch.float64)
+        ds = 0.05 * torch.randn((), generator=g, dtype=torch.float64)
+        assert best > mean_log_lik(W + dW, b + db, sigma.log() + ds)
+    # The fitted covariance W W^T + sigma^2 I keeps the sample covariance's top-D eigenvalues,
+    # and it is close to the true model's (N = 4000 points).
+    cov_fit = W @ W.T + sigma**2 * torch.eye(d, dtype=torch.float64)
+    cov_sample = torch.cov(x.T, correction=0)
+    top = torch.linalg.eigvalsh(cov_sample).flip(0)[:D]
+    torch.testing.assert_close(torch.linalg.eigvalsh(cov_fit).flip(0)[:D], top, rtol=1e-10, atol=0)
+    torch.testing.assert_close(b, x.mean(0))
+    cov_true = W_true @ W_true.T + sigma_true**2 * torch.eye(d, dtype=torch.float64)
+    assert (cov_fit - cov_true).abs().max() < 0.1 * cov_true.abs().max()
+    assert abs(float(sigma) - sigma_true) < 0.02
+    with pytest.raises(ValueError, match="latent_dim must be between 1 and d_x - 1"):
+        vae.ppca_fit(x, d)
+    with pytest.raises(ValueError, match=r"\(N, d_x\) matrix"):
+        vae.ppca_fit(x[0], 1)
+
+
+def test_log_likelihood_and_elbo_refuse_inputs_without_matching_batch_axes():
+    x = torch.tensor([1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="no batch axis"):
+        vae.bernoulli_log_likelihood(x, torch.zeros(3))       # used to sum the batch silently
+    torch.testing.assert_close(vae.bernoulli_log_likelihood(x[None], torch.zeros(1, 3)),
+                               torch.tensor([-3 * math.log(2.0)]))
+    xb = _binary_digits(4)
+    logits = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(ValueError, match="same batch"):
+        vae.elbo(xb, logits, torch.zeros(1, 3), torch.zeros(1, 3))   # used to broadcast
+    with pytest.raises(ValueError, match="same batch"):
+        vae.elbo(xb, logits, torch.zeros(3, 3), torch.zeros(3, 3))
+
+
+def test_configs_validate_their_fields_and_accept_numpy_numbers():
+    for bad, field in [(dict(latent_dim=0), "latent_dim"), (dict(beta=-1.0), "beta"),
+                       (dict(kl_warmup_steps=1.5), "kl_warmup_steps"),
+                       (dict(binarization="soft"), "binarization"),
+                       (dict(seed=-2), "seed")]:
+        with pytest.raises(ValueError, match=f"VAEConfig.{field}"):
+            vae.VAEConfig(**bad)
+    with pytest.raises(ValueError, match="LinearVAEConfig.latent_dim"):
+        vae.LinearVAEConfig(latent_dim=0)
+    cfg = vae.VAEConfig(latent_dim=np.int64(4), width=4, hidden=16, beta=np.float32(0.5))
+    assert type(cfg.latent_dim) is int and type(cfg.beta) is float
+    assert cfg == dataclasses.replace(cfg, latent_dim=4)
+    model, x = vae.build_vae(cfg), _binary_digits(8)
+    assert vae.evaluate(model, x, ks=(np.int64(3),), seed=np.int64(2)) == vae.evaluate(model, x, ks=(3,), seed=2)
