@@ -135,6 +135,21 @@ class ClassifierConfig:
                              nonneg_ints=("seed",), positive_floats=("lr",))
 
 
+CLASSIFIER_SIZES = {
+    # smoke only tests that the code runs: a tiny classifier, trained in seconds
+    "smoke": ClassifierConfig(width=4, feature_dim=16, steps=30, batch_size=64),
+    "cpu": ClassifierConfig(),
+    "gpu": ClassifierConfig(),
+}
+"""The feature classifier of the Fréchet protocol in each profile: every chapter uses the same
+one (:func:`protocol_classifier_config`), so their distances are on one scale."""
+
+
+def protocol_classifier_config(profile: str | None = None) -> ClassifierConfig:
+    """The protocol's classifier config for ``profile`` (default: the active profile)."""
+    return runtime.profile_config(**CLASSIFIER_SIZES, profile=profile)
+
+
 class DigitClassifier(nn.Module):
     """``(B, C, 28, 28)`` images in ``[0, 1]`` -> logits ``(B, n_classes)``; :meth:`features`
     returns the ``(B, feature_dim)`` activations before the last layer."""
@@ -197,15 +212,17 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor,
     return model.eval()
 
 
-def feature_classifier(dataset: str = "mnist5k", config: ClassifierConfig = ClassifierConfig(),
+def feature_classifier(dataset: str = "mnist5k", config: ClassifierConfig | None = None,
                        progress: bool = False) -> DigitClassifier:
     """The feature classifier for a dataset's training split, shared by every chapter.
 
     Trained once per (dataset, config) and cached under ``data_home()/classifiers``, so the
-    GAN and VAE chapters measure their samples with the very same network.
+    GAN and VAE chapters measure their samples with the very same network. The default
+    ``config`` is the Fréchet protocol's for the active profile (:data:`CLASSIFIER_SIZES`).
     """
     from .data import data_home, load_dataset
 
+    config = protocol_classifier_config() if config is None else config
     tag = hashlib.sha256(repr(config).encode()).hexdigest()[:10]
     cache = data_home() / "classifiers" / f"{dataset}-{tag}.pt"
     train = load_dataset(dataset, "train")
@@ -390,8 +407,9 @@ def frechet_floor(dataset: str = "mnist5k") -> torch.Tensor:
     return train[pick]
 
 
-def describe_frechet_protocol(dataset: str = "mnist5k", config: ClassifierConfig = ClassifierConfig()) -> str:
+def describe_frechet_protocol(dataset: str = "mnist5k", config: ClassifierConfig | None = None) -> str:
     """One line that says how :func:`frechet_protocol` measures, for a notebook to print."""
+    config = protocol_classifier_config() if config is None else config
     n = frechet_sample_size(dataset)
     which = "the default" if config == ClassifierConfig() else "a non-default"
     return (f"Fréchet protocol: each set of n = {n:,} images against all {n:,} {dataset} test "
@@ -419,7 +437,7 @@ def _check_candidate(name: str, images: torch.Tensor, n: int, image_shape: tuple
 
 
 def frechet_protocol(dataset: str, candidates: Mapping[str, torch.Tensor], *,
-                     config: ClassifierConfig = ClassifierConfig(), progress: bool = False
+                     config: ClassifierConfig | None = None, progress: bool = False
                      ) -> dict[str, float]:
     r"""The book's one Fréchet protocol: distances of image sets to ``dataset``'s test split.
 
@@ -445,13 +463,15 @@ def frechet_protocol(dataset: str, candidates: Mapping[str, torch.Tensor], *,
         candidates: ``{name: (n, C, H, W) images in [0, 1]}``, e.g. a model's samples.
             Extra real-image sets are fine too (say the binarised floor images, for a model
             of binary images), as long as each has ``n`` images.
-        config: the feature classifier's config; compare numbers only between calls with
-            the same config (:func:`describe_frechet_protocol` prints which).
+        config: the feature classifier's config; by default the active profile's entry of
+            :data:`CLASSIFIER_SIZES`, the same in every chapter. Compare numbers only between
+            calls with the same config (:func:`describe_frechet_protocol` prints which).
 
     Returns:
         ``{name: distance}``: the floor first, then the candidates in their order, then the
         two baselines. Lower is better.
     """
+    config = protocol_classifier_config() if config is None else config
     test = _load(dataset, "test").images
     n, image_shape = len(test), tuple(test.shape[1:])
     clash = sorted(set(candidates) & set(PROTOCOL_ROWS))

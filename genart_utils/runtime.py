@@ -227,7 +227,8 @@ class NotebookRun:
     def banner(self) -> str:
         from . import __version__
 
-        threads = f"{torch.get_num_threads()} CPU threads"
+        n = torch.get_num_threads()
+        threads = f"{n} CPU thread{'' if n == 1 else 's'}"
         if self.device.type == "cuda":
             where = f"cuda ({torch.cuda.get_device_name(self.device)}; {threads})"
         else:

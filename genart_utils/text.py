@@ -299,21 +299,21 @@ class NGramModel:
       :math:`p(w \mid h) = \frac{c(h w) + \alpha}{c(h) + \alpha |\mathcal V|}`, with
       :math:`c(h) = \sum_{w'} c(h w')`. Unseen contexts get the uniform distribution.
     * **interpolated Kneser-Ney** (Chen and Goodman's formulation, one discount
-      :math:`\delta_k` per order :math:`k`):
+      :math:`\delta_m` per order :math:`m`):
 
-      .. math:: p_k(w \mid h) = \frac{\max(c_k(h w) - \delta_k, 0)}{\sum_{w'} c_k(h w')}
-                + \frac{\delta_k\, N_{1+}(h\,\bullet)}{\sum_{w'} c_k(h w')}\, p_{k-1}(w \mid h')
+      .. math:: p_m(w \mid h) = \frac{\max(c_m(h w) - \delta_m, 0)}{\sum_{w'} c_m(h w')}
+                + \frac{\delta_m\, N_{1+}(h\,\bullet)}{\sum_{w'} c_m(h w')}\, p_{m-1}(w \mid h')
 
       where :math:`h'` drops the oldest character of :math:`h`, :math:`N_{1+}(h\,\bullet)`
-      is the number of distinct characters :math:`w'` with :math:`c_k(h w') > 0`, and
-      :math:`c_k` is the raw count at the highest order :math:`k = n` but the
+      is the number of distinct characters :math:`w'` with :math:`c_m(h w') > 0`, and
+      :math:`c_m` is the raw count at the highest order :math:`m = n` but the
       *continuation count* :math:`N_{1+}(\bullet\, h w)` at lower orders: the number of
       distinct characters seen right before :math:`h w` anywhere in the training text. The
       recursion ends in the uniform distribution :math:`p_0 = 1/|\mathcal V|`, so every
-      character has non-zero probability; a context with no counts at order ``k`` uses
-      :math:`p_{k-1}` directly. Each :math:`p_k(\cdot \mid h)` sums to 1. Default
-      discounts: :math:`\delta_k = n_1 / (n_1 + 2 n_2)`, with :math:`n_1` and :math:`n_2`
-      the numbers of ``k``-grams whose :math:`c_k` is 1 and 2 (0.5 if there are none),
+      character has non-zero probability; a context with no counts at order ``m`` uses
+      :math:`p_{m-1}` directly. Each :math:`p_m(\cdot \mid h)` sums to 1. Default
+      discounts: :math:`\delta_m = n_1 / (n_1 + 2 n_2)`, with :math:`n_1` and :math:`n_2`
+      the numbers of ``m``-grams whose :math:`c_m` is 1 and 2 (0.5 if there are none),
       clipped to ``[0.001, 1]``; ``NGramConfig.discount`` sets one value for every order.
 
     Interpolation always mixes in the lower orders, also for a familiar context; a

@@ -238,7 +238,7 @@ def test_frechet_protocol_rows_sizes_and_determinism(tmp_path, monkeypatch):
     assert only_rows == {k: out[k] for k in metrics.PROTOCOL_ROWS}
     line = metrics.describe_frechet_protocol("mnist5k", TINY)
     assert "n = 500" in line and "non-default" in line and "\n" not in line
-    assert "the default" in metrics.describe_frechet_protocol("mnist5k")
+    assert "the default" in metrics.describe_frechet_protocol("mnist5k", metrics.ClassifierConfig())
 
 
 def test_frechet_protocol_refuses_candidates_it_cannot_compare(tmp_path, monkeypatch):
@@ -341,3 +341,10 @@ def test_tune_memorisation_compares_generated_with_held_out_tunes():
     assert h["max"] < 40 and "held_out" in metrics.memorisation_report(out)
     with pytest.raises(ValueError, match=r"generated\[0\] must be a non-empty str"):
         metrics.tune_memorisation([""], train, held_out)
+
+
+def test_every_chapter_gets_the_same_protocol_classifier_for_a_profile():
+    assert metrics.protocol_classifier_config("cpu") == metrics.ClassifierConfig()
+    assert metrics.protocol_classifier_config("gpu") == metrics.protocol_classifier_config("cpu")
+    smoke = metrics.protocol_classifier_config("smoke")
+    assert smoke.steps < metrics.ClassifierConfig().steps and smoke.feature_dim < 128
