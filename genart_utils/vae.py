@@ -334,11 +334,11 @@ def build_vae(config: VAEConfig = VAEConfig(), device: torch.device | str = "cpu
 
 CONV_VAE_SIZES = {
     "smoke": dict(model=VAEConfig(latent_dim=16, width=4, hidden=32), steps=60, batch_size=64,
-                  eval_every=20, n_eval=20, steps_2d=40, n_generated=200),
+                  eval_every=20, n_eval=20, steps_2d=40),
     "cpu": dict(model=VAEConfig(latent_dim=16, width=16, hidden=256), steps=4_000, batch_size=64,
-                eval_every=100, n_eval=500, steps_2d=1_500, n_generated=4_500),
+                eval_every=100, n_eval=500, steps_2d=1_500),
     "gpu": dict(model=VAEConfig(latent_dim=32, width=32, hidden=512), steps=8_000, batch_size=64,
-                eval_every=200, n_eval=10_000, steps_2d=4_000, n_generated=10_000),
+                eval_every=200, n_eval=10_000, steps_2d=4_000),
 }
 """The sizes of notebooks/05_conv_vae.ipynb for each execution profile (the only thing that
 changes between profiles): ``cfg = runtime.profile_config(**vae.CONV_VAE_SIZES)``; the
