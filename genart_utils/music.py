@@ -36,11 +36,27 @@ import signal
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+
+def _music21():
+    """Import music21 once, without its notebook magic, and return it.
+
+    Imported inside a notebook, music21 starts a timer that loads its IPython extension a
+    second later, in whichever cell happens to be running then; with Colab's IPython 7.34
+    that extension fails and prints a traceback into that cell. The book uses none of
+    music21's magics, so the timer is cancelled before it fires.
+    """
+    import music21
+
+    timer = getattr(getattr(music21, "ipython21", None), "t", None)
+    if isinstance(timer, threading.Timer):
+        timer.cancel()
+    return music21
+
 
 MUSIC21_COLLECTIONS: dict[str, str] = {
     "essen": "essenFolksong",
@@ -170,7 +186,7 @@ def extract_tunes(text: str, source: str = "") -> tuple[list[AbcTune], int]:
 
 def corpus_folder() -> Path:
     """The ``corpus`` folder of the installed music21 package."""
-    folder = Path(str(resources.files("music21") / "corpus"))
+    folder = Path(_music21().__file__).parent / "corpus"
     if not folder.is_dir():
         raise FileNotFoundError(
             f"music21 is installed without its corpus (no folder {folder}); reinstall it with "
@@ -288,6 +304,7 @@ def parse_abc(abc: str, time_limit: float | None = 3.0):
     """
     import warnings
 
+    _music21()
     from music21 import converter
 
     # music21 reads everything after an unclosed quote as one chord symbol (or after an
@@ -369,6 +386,7 @@ def bars(abc: str) -> list[Bar]:
     Raises:
         AbcParseError: when music21's tokenizer rejects the text.
     """
+    _music21()
     from music21 import abcFormat
 
     text = _mark_line_breaks(abc)
@@ -562,6 +580,7 @@ def events_to_stream(events: Sequence[NoteEvent], tempo_qpm: float = 120.0, velo
     """A ``music21`` Stream of the notes, with a tempo mark and a General MIDI instrument
     (``program``, 0 = acoustic grand piano); ``tempo_qpm`` is in quarter notes per minute
     and ``velocity`` (1..127) is how hard every note is struck."""
+    _music21()
     from music21 import instrument, note, stream, tempo
 
     events = _check_events(events, "write")
@@ -592,6 +611,7 @@ def midi_bytes(events: Sequence[NoteEvent], tempo_qpm: float = 120.0, velocity: 
         ValueError: for no notes, a note with a pitch outside 0..127, a negative start, a
             duration that is not positive or a time that is not finite, or a bad option.
     """
+    _music21()
     from music21 import midi
 
     part = events_to_stream(events, tempo_qpm=tempo_qpm, velocity=velocity, program=program)

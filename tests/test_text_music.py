@@ -390,3 +390,28 @@ def test_music_and_attention_figures():
     fig, ax = plotting.new_figure()
     plotting.text_panel(ax, "M:2/4\nabc", title="t")
     assert ax.texts[0].get_text() == "M:2/4\nabc"
+
+
+def test_music21_notebook_magic_timer_is_cancelled():
+    # Imported in a notebook (music21 recognises one by sys.stderr's class name), music21 starts
+    # a timer that loads its IPython extension a second later, in whatever cell is running;
+    # under Colab's IPython 7.34 that prints a traceback. A fresh interpreter shows the timer
+    # is cancelled by the package's single music21 import.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class OutStream:\n"
+        "    def __init__(self, s): self.s = s\n"
+        "    def write(self, x): return self.s.write(x)\n"
+        "    def flush(self): self.s.flush()\n"
+        "sys.stderr = OutStream(sys.__stderr__)\n"
+        "from genart_utils import music\n"
+        "music.corpus_folder()\n"
+        "import music21.ipython21 as ip\n"
+        "print(type(ip.t).__name__, ip.t.finished.is_set())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["Timer", "True"]
