@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import operator
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -45,7 +44,7 @@ def _compiling() -> bool:
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     """``value`` must be an int (Python or NumPy, not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not runtime.is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
@@ -458,7 +457,7 @@ def token_log_probs(model: GPT, ids: torch.Tensor, stride: int | None = None,
     T = model.config.block_size
     if stride is None:
         stride = max(1, T // 2)
-    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or not 1 <= stride <= T:
+    if not runtime.is_int(stride) or not 1 <= stride <= T:
         raise ValueError(f"stride must be an int in 1..block_size ({T}) or None for "
                          f"block_size // 2, got {stride!r}")
     _check_int("batch_size", batch_size, 1)

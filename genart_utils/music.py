@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import numbers
 import re
 import signal
 import threading
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from .runtime import is_int, is_real
 
 
 def _music21():
@@ -471,23 +472,13 @@ def check_tune(abc: str, time_limit: float | None = 3.0) -> BarCheck:
 
 # ------------------------------------------------------------------------ notes
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    """A finite real number (Python or NumPy), not a bool."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-            and math.isfinite(value))
-
-
 def _check_note(pitch, start, duration, where: str = "NoteEvent") -> tuple[int, float, float]:
     """Validate one note's fields and return them as ``(int, float, float)``."""
-    if not _is_int(pitch) or not 0 <= pitch <= 127:
+    if not is_int(pitch) or not 0 <= pitch <= 127:
         raise ValueError(f"{where}: pitch must be a MIDI note number, an int in 0..127 "
                          f"(60 is middle C), got {pitch!r}")
     for name, value in (("start", start), ("duration", duration)):
-        if not _is_real(value):
+        if not is_real(value):
             raise ValueError(f"{where}: {name} must be a finite number of quarter notes, got {value!r}")
     if start < 0:
         raise ValueError(f"{where}: start must be >= 0 (quarter notes from the beginning), got {start!r}")
@@ -559,7 +550,7 @@ def piano_roll_matrix(events: Sequence[NoteEvent], steps_per_quarter: int = 4
     step still fills one; notes that start in the same step on the same pitch merge.
     """
     events = _check_events(events, "put in a piano roll")
-    if not _is_int(steps_per_quarter) or steps_per_quarter < 1:
+    if not is_int(steps_per_quarter) or steps_per_quarter < 1:
         raise ValueError(f"steps_per_quarter must be an int >= 1, got {steps_per_quarter!r}")
     low = min(e.pitch for e in events)
     high = max(e.pitch for e in events)
@@ -584,11 +575,11 @@ def events_to_stream(events: Sequence[NoteEvent], tempo_qpm: float = 120.0, velo
     from music21 import instrument, note, stream, tempo
 
     events = _check_events(events, "write")
-    if not _is_real(tempo_qpm) or tempo_qpm <= 0:
+    if not is_real(tempo_qpm) or tempo_qpm <= 0:
         raise ValueError(f"tempo_qpm must be a positive number of quarter notes per minute, "
                          f"got {tempo_qpm!r}")
     for name, value, low in (("program", program, 0), ("velocity", velocity, 1)):
-        if not _is_int(value) or not low <= value <= 127:
+        if not is_int(value) or not low <= value <= 127:
             raise ValueError(f"{name} must be an int in {low}..127, got {value!r}")
     part = stream.Stream()
     part.insert(0, tempo.MetronomeMark(number=float(tempo_qpm)))

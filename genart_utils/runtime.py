@@ -121,30 +121,31 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def _check_seed(seed: Any) -> None:
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
 # ------------------------------------------------------------------ config validation
 
-def _is_int(value: Any) -> bool:
-    """Python or NumPy integers; ``True``/``False`` are flags, not counts."""
+def is_int(value: Any) -> bool:
+    """Python or NumPy integers; ``True``/``False`` are flags, not counts. Every argument
+    check of the package uses this and :func:`is_real`."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """A finite real number: ints and floats, Python or NumPy, but not bools."""
-    return (_is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+    return (is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
 
 
 _RULES = {
     # keyword: (test, what the field must be)
-    "positive_ints": (lambda v: _is_int(v) and v >= 1, "a positive int (1, 2, ...)"),
-    "nonneg_ints": (lambda v: _is_int(v) and v >= 0, "a non-negative int (0, 1, ...)"),
-    "positive_floats": (lambda v: _is_real(v) and v > 0, "a finite number > 0"),
-    "nonneg_floats": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
-    "unit_interval": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "half_open_unit": (lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "positive_ints": (lambda v: is_int(v) and v >= 1, "a positive int (1, 2, ...)"),
+    "nonneg_ints": (lambda v: is_int(v) and v >= 0, "a non-negative int (0, 1, ...)"),
+    "positive_floats": (lambda v: is_real(v) and v > 0, "a finite number > 0"),
+    "nonneg_floats": (lambda v: is_real(v) and v >= 0, "a finite number >= 0"),
+    "unit_interval": (lambda v: is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "half_open_unit": (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
 }
 
 
@@ -260,7 +261,7 @@ def setup_notebook(seed: int = 0, profile: str | None = None, device: str | None
     default (one thread per core).
     """
     if threads is not None:
-        if not _is_int(threads) or threads < 1:
+        if not is_int(threads) or threads < 1:
             raise ValueError(f"threads must be a positive int or None, got {threads!r}; "
                              "pass threads=1 for the book's small models")
         torch.set_num_threads(int(threads))

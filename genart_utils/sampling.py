@@ -18,33 +18,21 @@ distribution actually sampled from.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
+
+from .runtime import is_int, is_real
 
 
 # ------------------------------------------------------------------------ argument checks
 # Each check accepts Python and NumPy numbers (``np.float64(0.9)``, ``np.int64(5)``), refuses
 # ``True``/``False`` (flags, not numbers), and returns the value as a plain Python number.
 
-def _is_bool(value) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not _is_bool(value)
-
-
 def check_temperature(temperature: float) -> float:
     """A temperature is a finite number >= 0 (0 means greedy decoding)."""
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+    if not is_real(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy, 1 leaves "
                          f"the distribution as it is), got {temperature!r}")
     return float(temperature)
@@ -52,21 +40,21 @@ def check_temperature(temperature: float) -> float:
 
 def check_top_k(k: int) -> int:
     """``top_k`` is an int >= 1."""
-    if not _is_int(k) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"top_k must be an int >= 1 (the number of tokens kept), got {k!r}")
     return int(k)
 
 
 def check_top_p(p: float) -> float:
     """``top_p`` is a number in (0, 1]."""
-    if not _is_real(p) or not 0.0 < p <= 1.0:
+    if not is_real(p) or not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be a number in (0, 1] (the probability mass kept), got {p!r}")
     return float(p)
 
 
 def check_beam_width(beam_width: int) -> int:
     """``beam_width`` is an int >= 1."""
-    if not _is_int(beam_width) or beam_width < 1:
+    if not is_int(beam_width) or beam_width < 1:
         raise ValueError(f"beam_width must be an int >= 1 (the number of hypotheses kept), "
                          f"got {beam_width!r}")
     return int(beam_width)

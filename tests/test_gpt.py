@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genart_utils import gpt, sampling, text, training
+from genart_utils import gpt, text, training
 
 TINY = gpt.GPTConfig(vocab_size=7, block_size=16, n_layer=2, n_head=2, n_embd=16, seed=0)
 
