@@ -15,6 +15,9 @@
 * Memorisation: :func:`nearest_neighbours` and :func:`memorisation_check` for images (how
   close do samples come to the training set, compared with held-out real images?);
   :func:`longest_shared_substring` and :func:`tune_memorisation` for text.
+* Uncertainty: :func:`mean_and_se`, :func:`mean_interval`, :func:`proportion_interval` (Wilson) and
+  :func:`jackknife_interval`, so that a notebook reports a measured difference only with
+  its interval.
 """
 
 from __future__ import annotations
@@ -759,3 +762,70 @@ def tune_memorisation(generated: Sequence[str], train_texts: Sequence[str],
                      "min_fraction": min(fractions), "median_fraction": float(np.median(fractions)),
                      "max_fraction": max(fractions)}
     return out
+
+
+# ------------------------------------------------------------------------ uncertainty
+
+Z95 = 1.959963984540054
+"""The standard normal quantile of 0.975: a 95% interval is the estimate ± ``Z95`` standard errors."""
+
+
+def mean_interval(values, z: float = Z95) -> tuple[float, float, float]:
+    r"""The mean of ``values`` and its interval :math:`\bar v \pm z\, s / \sqrt n`
+    (``s`` the sample standard deviation), as ``(mean, low, high)``; the bounds are NaN
+    with fewer than two values."""
+    mean, se = mean_and_se(values)
+    return mean, mean - z * se, mean + z * se
+
+
+def mean_and_se(values) -> tuple[float, float]:
+    r"""The mean of ``values`` and its standard error :math:`s / \sqrt n` (NaN with fewer
+    than two values; both NaN for none)."""
+    v = np.asarray(values, dtype=float).ravel()
+    if len(v) == 0:
+        return math.nan, math.nan
+    if len(v) < 2:
+        return float(v.mean()), math.nan
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def proportion_interval(flags, z: float = Z95) -> tuple[float, float, float]:
+    r"""A fraction of successes and its Wilson score interval, as ``(p, low, high)``:
+
+    .. math:: \frac{\hat p + \frac{z^2}{2n}}{1 + \frac{z^2}{n}} \pm
+              \frac{z}{1 + \frac{z^2}{n}} \sqrt{\frac{\hat p (1 - \hat p)}{n} + \frac{z^2}{4 n^2}}
+
+    Unlike :math:`\hat p \pm z \sqrt{\hat p(1-\hat p)/n}` it does not shrink to a point
+    when every flag (or none) is set, and it stays inside ``[0, 1]``.
+    """
+    f = np.asarray(flags, dtype=float).ravel()
+    n = len(f)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    if not np.isin(f, (0.0, 1.0)).all():
+        raise ValueError("flags must be booleans or 0/1 values, one per trial")
+    p = float(f.mean())
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def jackknife_interval(statistic, items: Sequence, z: float = Z95) -> tuple[float, float, float]:
+    r"""``statistic(items)`` and its interval ± ``z`` jackknife standard errors, as
+    ``(value, low, high)``. With :math:`\theta_{(i)}` the statistic without item ``i``,
+
+    .. math:: \mathrm{se}^2 = \frac{n - 1}{n} \sum_i (\theta_{(i)} - \bar\theta_{(\cdot)})^2,
+
+    which for the mean is exactly :math:`s / \sqrt n`. For statistics of a whole set, such
+    as the share of distinct n-grams in a set of texts, that no per-item mean expresses.
+    """
+    items = list(items)
+    n = len(items)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    value = float(statistic(items))
+    if n < 2:
+        return value, math.nan, math.nan
+    loo = np.array([statistic(items[:i] + items[i + 1:]) for i in range(n)], dtype=float)
+    se = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+    return value, value - z * se, value + z * se

@@ -216,6 +216,24 @@ def layer_shapes(model: nn.Module, inputs: torch.Tensor | tuple, parts: Mapping[
     return {name: shapes[name] for name in parts}
 
 
+def layer_table(model: nn.Module, inputs: torch.Tensor | tuple, layers: Iterable[nn.Module]) -> str:
+    """A printable table of ``layers`` (submodules of ``model``, in order): each one's type,
+    its output shape without the batch axis (from :func:`layer_shapes`) and its number of
+    parameters.
+
+    >>> net = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    >>> print(layer_table(net, torch.zeros(2, 3), net))
+      Linear           -> (5,)                   20 parameters
+      ReLU             -> (5,)                    0 parameters
+    """
+    parts = {str(i): layer for i, layer in enumerate(layers)}
+    shapes = layer_shapes(model, inputs, parts)
+    return "\n".join(
+        f"  {type(layer).__name__:16s} -> {str(shapes[name][1:]):15s} "
+        f"{sum(p.numel() for p in layer.parameters()):9,d} parameters"
+        for name, layer in parts.items())
+
+
 # ------------------------------------------------------------------------ checkpoints
 
 @dataclass

@@ -477,23 +477,32 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, *, generator: torch.Generato
         model.train(was_training)
 
 
+def evaluate_per_image(model: VAE, x: torch.Tensor, *, ks: tuple[int, ...] = (),
+                       batch_size: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The bounds of :func:`evaluate` for every image of binary ``x`` ``(N, C, 28, 28)``:
+    ``neg_elbo``, ``recon_nll``, ``kl`` and ``iwae_{k}`` for each ``k`` in ``ks``, each
+    ``(N,)`` in nats (for standard errors over images, or paired differences)."""
+    seed = operator.index(seed)   # an int (NumPy ints too); a float seed is refused
+    terms = elbo_terms_of(model, x, generator=torch.Generator().manual_seed(seed))
+    out = {"neg_elbo": -terms.elbo, "recon_nll": -terms.reconstruction, "kl": terms.kl}
+    for k in ks:
+        g = torch.Generator().manual_seed(seed)
+        out[f"iwae_{k}"] = -torch.cat([iwae_bound(model, chunk, k, generator=g)
+                                       for chunk in x.split(batch_size)])
+    return out
+
+
 def evaluate(model: VAE, x: torch.Tensor, *, ks: tuple[int, ...] = (), batch_size: int = 100,
              seed: int = 0) -> dict[str, float]:
     """Mean bounds over binary images ``x`` ``(N, C, 28, 28)``, in nats per image.
 
     Returns ``neg_elbo``, ``recon_nll`` and ``kl`` (one sample per image), and
     ``iwae_{k}`` (the mean of ``-iwae_bound``, an upper bound on ``-log p(x)``) for each
-    ``k`` in ``ks``. Every estimate draws its noise from a generator seeded with ``seed``.
+    ``k`` in ``ks``. Every estimate draws its noise from a generator seeded with ``seed``;
+    :func:`evaluate_per_image` gives the values these are the means of.
     """
-    seed = operator.index(seed)   # an int (NumPy ints too); a float seed is refused
-    terms = elbo_terms_of(model, x, generator=torch.Generator().manual_seed(seed))
-    out = {"neg_elbo": float(-terms.elbo.mean()), "recon_nll": float(-terms.reconstruction.mean()),
-           "kl": float(terms.kl.mean())}
-    for k in ks:
-        g = torch.Generator().manual_seed(seed)
-        bounds = torch.cat([iwae_bound(model, chunk, k, generator=g) for chunk in x.split(batch_size)])
-        out[f"iwae_{k}"] = float(-bounds.mean())
-    return out
+    per_image = evaluate_per_image(model, x, ks=ks, batch_size=batch_size, seed=seed)
+    return {name: float(values.mean()) for name, values in per_image.items()}
 
 
 def validation_callback(model: VAE, x_val: torch.Tensor, every: int, *,

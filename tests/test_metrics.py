@@ -348,3 +348,37 @@ def test_every_chapter_gets_the_same_protocol_classifier_for_a_profile():
     assert metrics.protocol_classifier_config("gpu") == metrics.protocol_classifier_config("cpu")
     smoke = metrics.protocol_classifier_config("smoke")
     assert smoke.steps < metrics.ClassifierConfig().steps and smoke.feature_dim < 128
+
+
+def test_mean_interval_is_the_mean_plus_minus_z_standard_errors():
+    v = [1.0, 2.0, 4.0, 7.0]
+    mean, lo, hi = metrics.mean_interval(v, z=2.0)
+    s = math.sqrt(sum((x - 3.5) ** 2 for x in v) / 3)
+    assert mean == 3.5 and math.isclose(hi - mean, 2 * s / 2) and math.isclose(mean - lo, s)
+    assert math.isnan(metrics.mean_interval([3.0])[1])
+    assert abs(metrics.Z95 - torch.distributions.Normal(0, 1).icdf(torch.tensor(0.975, dtype=torch.float64))) < 1e-12
+
+
+def test_wilson_interval_closed_forms_and_coverage():
+    z = metrics.Z95
+    p, lo, hi = metrics.proportion_interval([False] * 10)        # p = 0: [0, z^2 / (n + z^2)]
+    assert p == 0 and lo == 0 and math.isclose(hi, z**2 / (10 + z**2))
+    p, lo, hi = metrics.proportion_interval([True] * 10)
+    assert p == 1 and math.isclose(hi, 1) and math.isclose(lo, 10 / (10 + z**2))
+    # Its coverage of a true p = 0.3 with n = 40, by exact binomial enumeration, is near 95%.
+    n, true_p = 40, 0.3
+    coverage = sum(math.comb(n, k) * true_p**k * (1 - true_p) ** (n - k)
+                   for k in range(n + 1)
+                   if metrics.proportion_interval([1] * k + [0] * (n - k))[1] <= true_p
+                   <= metrics.proportion_interval([1] * k + [0] * (n - k))[2])
+    assert 0.93 < coverage < 0.97
+    with pytest.raises(ValueError, match="0/1"):
+        metrics.proportion_interval([0.5, 1.0])
+
+
+def test_jackknife_of_the_mean_equals_the_standard_error():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(30, generator=g, dtype=torch.float64).tolist()
+    value, lo, hi = metrics.jackknife_interval(lambda xs: sum(xs) / len(xs), v)
+    mean, mlo, mhi = metrics.mean_interval(v)
+    assert math.isclose(value, mean) and math.isclose(lo, mlo) and math.isclose(hi, mhi)

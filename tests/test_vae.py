@@ -278,3 +278,14 @@ def test_configs_validate_their_fields_and_accept_numpy_numbers():
     assert cfg == dataclasses.replace(cfg, latent_dim=4)
     model, x = vae.build_vae(cfg), _binary_digits(8)
     assert vae.evaluate(model, x, ks=(np.int64(3),), seed=np.int64(2)) == vae.evaluate(model, x, ks=(3,), seed=2)
+
+
+def test_evaluate_is_the_mean_of_the_per_image_bounds():
+    model = vae.build_vae(vae.VAEConfig(latent_dim=2, width=2, hidden=8))
+    x = vae.binarize(data.load_dataset("mnist5k", "test").images[:12])
+    per_image = vae.evaluate_per_image(model, x, ks=(3,), batch_size=5, seed=4)
+    means = vae.evaluate(model, x, ks=(3,), batch_size=5, seed=4)
+    assert set(per_image) == set(means) == {"neg_elbo", "recon_nll", "kl", "iwae_3"}
+    assert all(per_image[k].shape == (12,) and math.isclose(float(per_image[k].mean()), means[k])
+               for k in means)
+    assert torch.allclose(per_image["neg_elbo"], per_image["recon_nll"] + per_image["kl"])
