@@ -26,7 +26,7 @@ import contextlib
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -368,21 +368,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
 
 
-@contextlib.contextmanager
-def _dropout_noise(generator: torch.Generator, device: torch.device) -> Iterator[None]:
-    """Run a block with the global RNG of ``device`` (where dropout draws its masks) seeded
-    from ``generator``, then put it back: the masks then depend only on ``generator``."""
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-    if device.type != "cuda":
-        with runtime.seeded(seed):
-            yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with torch.random.fork_rng(devices=[index]):
-        torch.default_generator.manual_seed(seed)
-        torch.cuda.default_generators[index].manual_seed(seed)
-        yield
-
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
                     device: torch.device | str = "cpu", generator: torch.Generator | None = None,
@@ -411,8 +396,10 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *,
         x, y = (t.to(device, non_blocking=True) for t in batch)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
-        noise = (_dropout_noise(generator, device) if generator is not None and dropout > 0
-                 else contextlib.nullcontext())
+        # the dropout masks' seed comes from ``generator``, so they depend on nothing else
+        noise = (runtime.seeded(int(torch.randint(0, 2**62, (), generator=generator,
+                                                  device=generator.device)), device)
+                 if generator is not None and dropout > 0 else contextlib.nullcontext())
         with noise, runtime.autocast(device, enabled=amp):
             logits = model(x)                                          # (B, T, vocab_size)
         loss = lm_loss(logits, y)

@@ -101,7 +101,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Run a block with the CPU random number generator seeded by ``seed``, then put it back.
 
     This is THE way a ``build_*`` function turns ``config.seed`` into initial weights::
@@ -112,11 +112,18 @@ def seeded(seed: int) -> Iterator[None]:
     The weights then depend only on ``config.seed``, and the global RNG is exactly where it
     was before the block, so building a model never changes what a notebook draws next.
     Only the CPU generator is forked and seeded (``torch.manual_seed`` would also reseed
-    every CUDA device): build on the CPU, then move the model with ``.to(device)``.
+    every CUDA device): build on the CPU, then move the model with ``.to(device)``. With a
+    CUDA ``device``, that device's generator is forked and seeded too (for random draws
+    made on the GPU, such as dropout masks).
     """
     _check_seed(seed)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(int(seed))
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(int(seed))
         yield
 
 
