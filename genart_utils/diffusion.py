@@ -405,19 +405,60 @@ class UNet(nn.Module):
 
 # ------------------------------------------------------------------------ training
 
-def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    r"""Ho et al.'s "simple" loss, :math:`J = \frac1B \sum_b \frac1D \|\epsilon_b -
-    \epsilon_\theta(x_{t_b}, t_b)\|^2` with :math:`x_{t_b}` from :meth:`NoiseSchedule.q_sample`.
+LOSS_WEIGHTINGS = ("eps", "v")
 
-    Each term is, up to the weight :math:`\beta_t^2 / (2\tilde\beta_t\,\alpha_t\,(1 - \bar\alpha_t))`
-    and a constant, the KL term :math:`L_{t-1}` of the variational bound; dropping the weights
-    (and drawing ``t`` uniformly) gives the steps with little noise less weight than the bound
-    does. ``x0`` in ``[-1, 1]``; returns a scalar.
+
+def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor, labels: torch.Tensor | None = None, weighting: str = "eps"
+                ) -> torch.Tensor:
+    r"""The noise-matching loss, in one of two weightings of the same per-step errors.
+
+    * ``weighting="eps"``: Ho et al.'s "simple" loss, :math:`J = \frac1B \sum_b \frac1D
+      \|\epsilon_b - \epsilon_\theta(x_{t_b}, t_b)\|^2`. Each term is, up to the weight
+      :math:`\beta_t^2 / (2\tilde\beta_t\,\alpha_t\,(1 - \bar\alpha_t))` and a constant, the KL
+      term :math:`L_{t-1}` of the variational bound; dropping the weights (and drawing ``t``
+      uniformly) gives the steps with little noise less weight than the bound does.
+    * ``weighting="v"``: the same errors divided by :math:`\bar\alpha_t`, which is the squared
+      error of the velocity :math:`v = \sqrt{\bar\alpha_t}\,\epsilon - \sigma_t x_0`, because
+      :math:`\epsilon - \hat\epsilon = \sqrt{\bar\alpha_t}\,(v - \hat v)` at a fixed :math:`x_t`.
+      Near :math:`t = T` the weight grows like :math:`1/\bar\alpha_t`: there the image is
+      :math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon)/\sqrt{\bar\alpha_t}`, so a tiny noise error
+      is a huge image error, and the "eps" weighting barely trains those steps. Use it with a
+      :class:`VPrediction` network, whose output is :math:`\hat v`.
+
+    ``model`` returns the noise estimate :math:`\epsilon_\theta`; ``x0`` in ``[-1, 1]``;
+    returns a scalar.
     """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
     x_t = schedule.q_sample(x0, t, noise)
     eps = model(x_t, t, labels) if labels is not None else model(x_t, t)
-    return F.mse_loss(eps.float(), noise.float())
+    per_sample = ((eps.float() - noise.float()) ** 2).flatten(1).mean(1)          # (B,)
+    if weighting == "v":
+        per_sample = per_sample / schedule._at(schedule.alpha_bars, t, per_sample).float()
+    return per_sample.mean()
+
+
+class VPrediction(nn.Module):
+    r"""A network that outputs the velocity :math:`\hat v`, seen from outside as a noise
+    predictor: ``forward`` returns :math:`\hat\epsilon = \sqrt{\bar\alpha_t}\,\hat v + \sigma_t
+    x_t` (from :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sigma_t\epsilon` and :math:`v =
+    \sqrt{\bar\alpha_t}\,\epsilon - \sigma_t x_0`), so the samplers, guidance and the bound work
+    unchanged. Near :math:`t = T` it predicts :math:`\hat x_0 = \sqrt{\bar\alpha_t}\,x_t -
+    \sigma_t \hat v \approx -\hat v` directly instead of dividing a noise error by
+    :math:`\sqrt{\bar\alpha_t} \approx 0`. Train it with ``simple_loss(..., weighting="v")``.
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule):
+        super().__init__()
+        self.net = net
+        self.config = net.config
+        self.register_buffer("alpha_bars", schedule.alpha_bars.float())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.net(x, t, labels)
+        ab = self.alpha_bars[t].to(v.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.sqrt(ab) * v + torch.sqrt(1 - ab) * x
 
 
 class EMA:
@@ -442,7 +483,8 @@ class EMA:
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: NoiseSchedule, *,
                     device: torch.device | str = "cpu", generator: torch.Generator | None = None,
                     amp: bool = True, ema: EMA | None = None, label_dropout: float = 0.0,
-                    grad_clip: float | None = 1.0) -> Callable[[tuple], dict[str, float]]:
+                    grad_clip: float | None = 1.0, weighting: str = "eps"
+                    ) -> Callable[[tuple], dict[str, float]]:
     r"""One optimisation step of :func:`simple_loss` per call on a batch ``(x, labels)`` of
     images in ``[0, 1]`` (labels are used when the model has ``n_classes > 0``).
 
@@ -450,7 +492,8 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     ``generator`` (on the CPU, so a run is the same on every device). For classifier-free
     guidance each label is replaced by the "no label" token with probability
     ``label_dropout``, so the one network also learns :math:`\epsilon_\theta(x_t, \varnothing)`.
-    Gradients are clipped to norm ``grad_clip``; ``ema`` is updated after each step. ``amp``
+    ``weighting`` is :func:`simple_loss`'s. Gradients are clipped to norm ``grad_clip``;
+    ``ema`` is updated after each step. ``amp``
     enables mixed precision on CUDA (a no-op on CPU). Returns ``{"loss": J}``.
     """
     device = torch.device(device)
@@ -471,7 +514,7 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             labels[drop] = n_classes
             labels = labels.to(device)
         with autocast(device, amp):
-            loss = simple_loss(model, schedule, x, t.to(device), noise, labels)
+            loss = simple_loss(model, schedule, x, t.to(device), noise, labels, weighting)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if grad_clip is not None:
@@ -699,6 +742,7 @@ class DiffusionRecipe:
     unet: UNetConfig = UNetConfig(image_size=32, patch=2, base=32, mults=(1, 2, 2),
                                   attention_at=(8,), n_classes=9)
     schedule: ScheduleConfig = ScheduleConfig()
+    prediction: str = "v"       # what the U-Net outputs: "eps" (the noise) or "v" (VPrediction)
     dataset: str = "openmoji"   # data.load_dataset name; its labels condition the model
     steps: int = 2000           # optimisation steps
     batch_size: int = 64
@@ -719,13 +763,18 @@ class DiffusionRecipe:
                 raise TypeError(f"DiffusionRecipe.{name} must be a {kind.__name__}, got {type(value).__name__}")
         runtime.check_fields(self, positive_ints=("steps", "batch_size"), nonneg_ints=("warmup", "seed"),
                              positive_floats=("lr", "grad_clip"), half_open_unit=("ema_decay",),
-                             unit_interval=("label_dropout",))
+                             unit_interval=("label_dropout",), choices={"prediction": LOSS_WEIGHTINGS})
 
 
-def build_model(recipe: DiffusionRecipe, device: torch.device | str = "cpu") -> tuple[UNet, EMA]:
-    """The recipe's U-Net (initial weights from ``recipe.unet.seed``) and its EMA copy,
-    in channels-last memory format, which is faster for these convolutions on CPU."""
-    model = UNet(recipe.unet).to(device, memory_format=torch.channels_last)
+def build_model(recipe: DiffusionRecipe, device: torch.device | str = "cpu") -> tuple[nn.Module, EMA]:
+    """The recipe's U-Net (initial weights from ``recipe.unet.seed``; wrapped in
+    :class:`VPrediction` when ``recipe.prediction == "v"``) and its EMA copy, in
+    channels-last memory format, which is faster for these convolutions on CPU. Either way
+    the model returns a noise estimate."""
+    model = UNet(recipe.unet)
+    if recipe.prediction == "v":
+        model = VPrediction(model, NoiseSchedule(recipe.schedule))
+    model = model.to(device, memory_format=torch.channels_last)
     return model, EMA(model, recipe.ema_decay)
 
 
@@ -747,7 +796,7 @@ def _recipe_data(recipe: DiffusionRecipe) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_recipe(recipe: DiffusionRecipe, *, device: torch.device | str = "cpu",
                  checkpoint: str | None = None, save_every: int = 500, progress: bool = True,
-                 callbacks: Sequence[training.Callback] = ()) -> tuple[UNet, EMA, training.History]:
+                 callbacks: Sequence[training.Callback] = ()) -> tuple[nn.Module, EMA, training.History]:
     """Train ``recipe`` with the book's one loop and return ``(model, ema, history)``.
 
     With ``checkpoint`` (a path), the full state (weights, EMA, optimiser, history) is
@@ -775,7 +824,7 @@ def train_recipe(recipe: DiffusionRecipe, *, device: torch.device | str = "cpu",
     # the generator's state after `history.step` steps is not stored: re-derive it per step
     step_fn = make_train_step(model, optimizer, NoiseSchedule(recipe.schedule), device=device,
                               generator=generator, ema=ema, label_dropout=recipe.label_dropout,
-                              grad_clip=recipe.grad_clip)
+                              grad_clip=recipe.grad_clip, weighting=recipe.prediction)
 
     def seeded_step(batch):
         generator.manual_seed(recipe.seed * 1_000_003 + history.step)

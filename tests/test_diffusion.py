@@ -653,3 +653,28 @@ def test_train_recipe_refuses_save_every_0(tmp_path):
                         n_classes=0), schedule=ScheduleConfig(T=10), steps=1, batch_size=2, warmup=0)
     with pytest.raises(ValueError, match="save_every"):
         diffusion.train_recipe(recipe, checkpoint=str(tmp_path / "run.pt"), save_every=0, progress=False)
+
+
+# ------------------------------------------------------------------------ v-prediction
+
+def test_v_prediction_returns_the_noise_and_its_loss_is_the_velocity_error():
+    sched = NoiseSchedule(ScheduleConfig(T=50))
+    net = UNet(PATCH_UNET)
+    model = diffusion.VPrediction(net, sched)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    eps = torch.randn(4, 3, 16, 16, generator=g)
+    t = torch.tensor([0, 10, 30, 49])
+    x_t = sched.q_sample(x0, t, eps)
+    ab = sched.alpha_bars[t].float().reshape(-1, 1, 1, 1)
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    with torch.no_grad():
+        v_hat = net(x_t, t)
+        eps_hat = model(x_t, t)
+        torch.testing.assert_close(eps_hat, ab.sqrt() * v_hat + (1 - ab).sqrt() * x_t)
+        # the true velocity gives back the true noise
+        torch.testing.assert_close(ab.sqrt() * v + (1 - ab).sqrt() * x_t, eps, atol=1e-5, rtol=1e-5)
+        loss = diffusion.simple_loss(model, sched, x0, t, eps, weighting="v")
+    torch.testing.assert_close(loss, ((v - v_hat) ** 2).flatten(1).mean(1).mean(), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="weighting"):
+        diffusion.simple_loss(model, sched, x0, t, eps, weighting="x0")
