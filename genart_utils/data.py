@@ -442,21 +442,51 @@ def emoji_family(code: str) -> tuple[int, ...]:
     return family or tuple(p for p in points if p not in _JOINERS)
 
 
-def openmoji_split(entries, test_fraction: float = 0.1,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def openmoji_identical_drawings(entries) -> list[tuple[str, str]]:
+    """Pairs of codes whose OpenMoji drawings are the same SVG file, byte for byte, such as
+    "family" (``1F46A``) and "family: man, woman, boy" (``1F468-200D-1F469-200D-1F466``):
+    one picture with two names. :func:`openmoji_split` keeps such pairs on one side, so a
+    test image is never a pixel copy of a training image."""
+    folder = _openmoji_package().get_openmoji_svg_data()
+    first: dict[str, str] = {}
+    pairs = []
+    for entry in entries:
+        digest = hashlib.sha256((folder / f"{entry.code}.svg").read_bytes()).hexdigest()
+        if digest in first:
+            pairs.append((first[digest], entry.code))
+        else:
+            first[digest] = entry.code
+    return pairs
+
+
+def openmoji_split(entries, test_fraction: float = 0.1, seed: int = 0,
+                   same_drawing=()) -> tuple[np.ndarray, np.ndarray]:
     """Split ``entries`` into sorted (train, test) indices, by family and by group.
 
     Every :func:`emoji_family` falls wholly on one side, so no skin-tone, hair or gender
-    variant of a test emoji is seen in training. Within each group the families are
-    shuffled (seeded, from their sorted codes, so independent of input order) and taken into
-    the test set while they fit in ``round(test_fraction * n_group)`` images, so each group
-    gives at most, and close to, that fraction. A family's group is its first member's.
+    variant of a test emoji is seen in training; so do the families of each pair of codes in
+    ``same_drawing`` (:func:`openmoji_identical_drawings`), which are merged. Within each
+    group the families are shuffled (seeded, from their sorted codes, so independent of
+    input order) and taken into the test set while they fit in ``round(test_fraction *
+    n_group)`` images, so each group gives at most, and close to, that fraction. A family's
+    group is its first member's.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    parent: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def root(key):
+        while parent.get(key, key) != key:
+            key = parent[key]
+        return key
+
+    for a, b in same_drawing:                     # union the two families, smaller key as root
+        ra, rb = root(emoji_family(a)), root(emoji_family(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
     families: dict[tuple[int, ...], list[int]] = {}
     for i, entry in enumerate(entries):
-        families.setdefault(emoji_family(entry.code), []).append(i)
+        families.setdefault(root(emoji_family(entry.code)), []).append(i)
     rng = np.random.default_rng(seed)
     test: list[int] = []
     for group in sorted({entry.group for entry in entries}):
@@ -582,7 +612,8 @@ def load_openmoji(split: str = "train", size: int = 32, test_fraction: float = 0
     _check_split(split)
     _check_openmoji_size(size)
     images, entries = _openmoji_arrays(int(size), None if root is None else str(root))
-    train_idx, test_idx = openmoji_split(entries, test_fraction, seed)
+    train_idx, test_idx = openmoji_split(entries, test_fraction, seed,
+                                         same_drawing=openmoji_identical_drawings(entries))
     idx = train_idx if split == "train" else test_idx
     groups = np.array([OPENMOJI_GROUPS.index(entries[i].group) for i in idx], dtype=np.int64)
     return ImageDataset(torch.from_numpy(images[idx].astype(np.float32) / 255.0),

@@ -134,3 +134,20 @@ def test_image_dataset_stays_backward_compatible():
     with pytest.raises(ValueError, match="3 captions for 2 images"):
         data.ImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64), "x",
                           "train", captions=("a", "b", "c"))
+
+
+def test_identical_drawings_never_straddle_the_split():
+    """Some codes share one SVG (a territory's flag drawn as its country's, "family" and
+    "family: man, woman, boy"): the held-out set must not contain pixel copies of training
+    images, or the memorisation check could never see a copy."""
+    entries, _ = data.openmoji_catalogue()
+    pairs = data.openmoji_identical_drawings(entries)
+    assert ("1F46A", "1F468-200D-1F469-200D-1F466") in pairs or ("1F468-200D-1F469-200D-1F466", "1F46A") in pairs
+    train_idx, test_idx = data.openmoji_split(entries, same_drawing=pairs)
+    codes = [e.code for e in entries]
+    test_codes = {codes[i] for i in test_idx}
+    assert all((a in test_codes) == (b in test_codes) for a, b in pairs)
+    # without the rule the default seed does put such a pair on both sides
+    _, plain_test = data.openmoji_split(entries)
+    plain = {codes[i] for i in plain_test}
+    assert any((a in plain) != (b in plain) for a, b in pairs)
