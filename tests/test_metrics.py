@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import random
 
@@ -382,3 +383,167 @@ def test_jackknife_of_the_mean_equals_the_standard_error():
     value, lo, hi = metrics.jackknife_interval(lambda xs: sum(xs) / len(xs), v)
     mean, mlo, mhi = metrics.mean_interval(v)
     assert math.isclose(value, mean) and math.isclose(lo, mlo) and math.isclose(hi, mhi)
+
+
+# ------------------------------------------------- colour datasets (OpenMoji-like, (3, S, S))
+
+FAKE_CLASSES = 3
+
+
+def _fake_colour_split(split: str, size: int = 16) -> "data.ImageDataset":
+    """White images, each with one square of pure red, green or blue (the label) at a random
+    place: a colour dataset whose classes a tiny classifier can learn in a few steps."""
+    from genart_utils import data
+
+    n = {"train": 240, "test": 30}[split]
+    g = torch.Generator().manual_seed({"train": 0, "test": 1}[split])
+    labels = torch.arange(n) % FAKE_CLASSES
+    images = torch.ones(n, 3, size, size)
+    corner = torch.randint(0, size - size // 2, (n, 2), generator=g)
+    for i in range(n):
+        r, c = corner[i].tolist()
+        square = images[i, :, r:r + size // 2, c:c + size // 2]
+        square.zero_()
+        square[labels[i]] = 1.0
+    images = (images + 0.05 * torch.rand(images.shape, generator=g)).clamp(0, 1)
+    return data.ImageDataset(images, labels, "fakemoji", split)
+
+
+@pytest.fixture
+def fakemoji(tmp_path, monkeypatch):
+    """A fake colour dataset "fakemoji" registered like an embedded one, with a fresh cache."""
+    from genart_utils import data
+
+    monkeypatch.setenv("GENART_DATA", str(tmp_path))
+    monkeypatch.setitem(data.EMBEDDED_DATASETS, "fakemoji", lambda split="train", **kw: _fake_colour_split(split))
+    return "fakemoji"
+
+
+COLOUR_TINY = metrics.ClassifierConfig(channels=3, image_size=16, n_classes=FAKE_CLASSES, width=4,
+                                       feature_dim=8, steps=60, batch_size=32)
+
+
+def test_the_digits_classifier_keeps_its_cache_name_and_config():
+    # A classifier cached by 0.2.0 is named by the sha256 of the repr 0.2.0 printed: the new
+    # image_size field, at its default, must leave that name unchanged (no retraining).
+    old_repr = ("ClassifierConfig(channels=1, width=32, feature_dim=128, n_classes=10, lr=0.001, "
+                "steps=1500, batch_size=128, seed=0)")
+    import hashlib
+
+    assert metrics._classifier_tag(metrics.ClassifierConfig()) == hashlib.sha256(old_repr.encode()).hexdigest()[:10]
+    assert metrics._classifier_tag(metrics.ClassifierConfig(image_size=32)) != metrics._classifier_tag(metrics.ClassifierConfig())
+    for profile in ("smoke", "cpu", "gpu"):
+        assert metrics.protocol_classifier_config(profile, "mnist5k") == metrics.CLASSIFIER_SIZES[profile]
+    assert metrics.DigitClassifier().body[-2].in_features == 2 * 32 * 7 * 7      # 28 -> 14 -> 7, as in 0.2.0
+
+
+def test_protocol_config_takes_shape_and_classes_from_the_data(fakemoji):
+    cfg = metrics.protocol_classifier_config("smoke", fakemoji)
+    assert (cfg.channels, cfg.image_size, cfg.n_classes) == (3, 16, FAKE_CLASSES)
+    assert cfg.width == metrics.CLASSIFIER_SIZES["smoke"].width       # no entry: the default sizes
+    openmoji = metrics.DATASET_CLASSIFIER_SIZES["openmoji"]
+    assert set(openmoji) == {"smoke", "cpu", "gpu"} and openmoji["smoke"].steps < openmoji["cpu"].steps
+
+
+def test_classifier_takes_colour_images_of_its_size_only():
+    cfg = metrics.ClassifierConfig(channels=3, image_size=32, n_classes=9, width=2, feature_dim=5)
+    model = metrics.DigitClassifier(cfg)
+    assert model.body[-2].in_features == 2 * 2 * 8 * 8              # 32 -> 16 -> 8
+    feats, preds = metrics.classifier_outputs(model, torch.rand(7, 3, 32, 32))
+    assert feats.shape == (7, 5) and preds.shape == (7,) and preds.max() < 9
+    with pytest.raises(ValueError, match=r"images of shape \(B, 3, 32, 32\)"):
+        metrics.classifier_outputs(model, torch.rand(7, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"images of shape \(B, 3, 32, 32\)"):
+        metrics.classifier_outputs(model, torch.rand(7, 3, 28, 28))
+    with pytest.raises(ValueError, match="image_size must be at least 4"):
+        metrics.ClassifierConfig(image_size=3)
+
+
+def test_train_classifier_rejects_data_that_does_not_fit_its_config():
+    images, labels = torch.rand(40, 3, 16, 16), torch.arange(40) % 3
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 1, 28, 28\)"):
+        metrics.train_classifier(images, labels, metrics.ClassifierConfig(steps=1))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, n_classes\) = \[0, 2\)"):
+        metrics.train_classifier(images, labels, dataclasses.replace(COLOUR_TINY, n_classes=2))
+    with pytest.raises(ValueError, match="labels must be int64"):
+        metrics.train_classifier(images, labels.float(), COLOUR_TINY)
+
+
+def test_a_cached_classifier_is_not_reused_for_other_data(tmp_path):
+    a, b = _fake_colour_split("train"), _fake_colour_split("test")
+    cfg = dataclasses.replace(COLOUR_TINY, steps=3, batch_size=16)
+    first = metrics.train_classifier(a.images, a.labels, cfg, cache=tmp_path / "clf.pt")
+    on_b = metrics.train_classifier(b.images, b.labels, cfg, cache=tmp_path / "clf.pt")    # retrains
+    fresh_b = metrics.train_classifier(b.images, b.labels, cfg)
+    same = lambda m1, m2: all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert same(on_b, fresh_b) and not same(first, on_b)
+    assert same(metrics.train_classifier(b.images, b.labels, cfg, cache=tmp_path / "clf.pt"), fresh_b)
+
+
+def test_colour_classifier_learns_the_classes(fakemoji):
+    test = _fake_colour_split("test")
+    labels = metrics.predicted_labels(fakemoji, test.images, config=COLOUR_TINY)
+    assert labels.shape == (30,) and labels.dtype == torch.int64
+    acc, lo, hi = metrics.classifier_accuracy(fakemoji, test.images, test.labels, config=COLOUR_TINY)
+    assert acc == float((labels == test.labels).float().mean()) and lo <= acc <= hi
+    assert acc > 0.9                                           # chance is 1/3
+    with pytest.raises(ValueError, match=r"labels must be a tensor of shape \(30,\)"):
+        metrics.classifier_accuracy(fakemoji, test.images, test.labels[:5], config=COLOUR_TINY)
+    with pytest.raises(ValueError, match="gan.from_tanh_range"):
+        metrics.predicted_labels(fakemoji, 2 * test.images - 1, config=COLOUR_TINY)
+    with pytest.raises(ValueError, match="does not fit fakemoji.*channels=1"):
+        metrics.feature_classifier(fakemoji, dataclasses.replace(COLOUR_TINY, channels=1))
+
+
+def test_frechet_protocol_on_colour_images(fakemoji):
+    train, test = _fake_colour_split("train").images, _fake_colour_split("test").images
+    n = metrics.frechet_sample_size(fakemoji)
+    assert n == 30
+    floor = metrics.frechet_floor(fakemoji)
+    assert floor.shape == (n, 3, 16, 16) and torch.equal(floor, metrics.frechet_floor(fakemoji))
+    d, idx = metrics.nearest_neighbours(floor, train)
+    assert d.max() < 1e-6 and len(set(idx.tolist())) == n
+    out = metrics.frechet_protocol(fakemoji, {"test": test, "floor again": floor}, config=COLOUR_TINY)
+    assert list(out) == [metrics.FLOOR, "test", "floor again", metrics.MEAN_IMAGE, metrics.BLURRED_NOISE]
+    assert abs(out["test"]) < 1e-6 and out["floor again"] == out[metrics.FLOOR] > 0
+    assert out == metrics.frechet_protocol(fakemoji, {"test": test, "floor again": floor}, config=COLOUR_TINY)
+    line = metrics.describe_frechet_protocol(fakemoji, COLOUR_TINY)
+    assert "n = 30" in line and "fakemoji" in line and "non-default" in line
+    assert "the smoke profile's" in metrics.describe_frechet_protocol(
+        fakemoji, metrics.protocol_classifier_config("smoke", fakemoji))
+
+
+def test_frechet_protocol_refuses_colour_candidates_it_cannot_compare(fakemoji):
+    ok = _fake_colour_split("test").images
+    with pytest.raises(ValueError, match=r"shape \(n, 3, 16, 16\), got \(30, 1, 16, 16\)"):
+        metrics.frechet_protocol(fakemoji, {"grey": ok[:, :1]}, config=COLOUR_TINY)
+    with pytest.raises(ValueError, match=r"got \(30, 3, 32, 32\).*F.interpolate\(images, size=16"):
+        metrics.frechet_protocol(fakemoji, {"big": ok.repeat_interleave(2, -1).repeat_interleave(2, -2)},
+                                 config=COLOUR_TINY)
+    with pytest.raises(ValueError, match=r"candidates\['few'\] has 29 images.*draw 30 samples"):
+        metrics.frechet_protocol(fakemoji, {"few": ok[:29]}, config=COLOUR_TINY)
+
+
+def test_blurred_noise_keeps_each_colour_channel_apart():
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([0.8, 0.2, 0.5])[:, None, None]
+    reference = (means + 0.05 * torch.randn(400, 3, 8, 8, generator=g)).clamp(0, 1)
+    noise = metrics.blurred_noise(reference, 3000, generator=torch.Generator().manual_seed(1))
+    assert noise.shape == (3000, 3, 8, 8)
+    assert (noise.mean((0, 2, 3)) - means.flatten()).abs().max() < 0.01
+    mean = metrics.mean_images(reference, 5)
+    assert mean.shape == (5, 3, 8, 8) and torch.equal(mean[4], reference.mean(0))
+
+
+def test_memorisation_check_on_colour_images():
+    g = torch.Generator().manual_seed(2)
+    train, held_out = torch.rand(120, 3, 32, 32, generator=g), torch.rand(40, 3, 32, 32, generator=g)
+    samples = torch.cat([torch.rand(18, 3, 32, 32, generator=g), train[[3, 77]]])
+    out = metrics.memorisation_check(samples, train, held_out)
+    assert out["n"] == 20 and out["samples"]["min"] == 0.0
+    assert sorted(out["samples"]["neighbour"][:2].tolist()) == [3, 77]
+    brute = torch.cdist(samples.flatten(1).double(), train.flatten(1).double(),
+                        compute_mode="donot_use_mm_for_euclid_dist").min(1).values.sort().values
+    torch.testing.assert_close(out["samples"]["distances"], brute)
+    with pytest.raises(ValueError, match="same image shape"):
+        metrics.memorisation_check(samples[:, :1], train, held_out)
