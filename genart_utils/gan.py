@@ -156,44 +156,95 @@ def build_mlp_gan(config: MLPGANConfig, device: torch.device | str = "cpu"
     return G.to(device), D.to(device)
 
 
+def resolution_levels(image_size: int) -> tuple[int, ...]:
+    """The side of the feature maps at each level of the book's convolutional image models,
+    coarsest first: ``28 -> (7, 14, 28)``, ``32 -> (4, 8, 16, 32)``, ``64 -> (4, 8, 16, 32, 64)``.
+
+    The side is halved while it is even and above 4, so the coarsest side ``b`` is 4 for a
+    power of two and 7 for 28; each level is one stride-2 convolution (kernel 4, padding 1)
+    of the DCGAN and of :class:`genart_utils.vae.VAE`, which exactly halves (or, transposed,
+    doubles) an even side. Supported: ``image_size = b * 2**n`` with ``n >= 1`` and a
+    coarsest side ``3 <= b <= 7`` (the kernel of the DCGAN's first and last layers), e.g.
+    8, 12, 16, 24, 28, 32, 48, 56, 64, 128.
+    """
+    if not runtime.is_int(image_size) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    sides = [int(image_size)]
+    while sides[-1] % 2 == 0 and sides[-1] > 4:
+        sides.append(sides[-1] // 2)
+    if len(sides) < 2 or not 3 <= sides[-1] <= 7:
+        raise ValueError(f"image_size {image_size} is not supported: halving it gives "
+                         f"{' -> '.join(map(str, sides))}, but the models need at least one "
+                         "halving down to a side between 3 and 7; use 28 or a power of two "
+                         "from 8 (16, 32, 64, ...), or resize the images")
+    return tuple(reversed(sides))
+
+
+def check_image_size(config) -> None:
+    """Raise a ValueError naming the config class unless ``config.image_size`` is one that
+    :func:`resolution_levels` supports (for the ``__post_init__`` of DCGANConfig and VAEConfig)."""
+    try:
+        resolution_levels(config.image_size)
+    except ValueError as err:
+        cls = type(config).__name__
+        raise ValueError(f"{cls}.image_size: {err}; fix the image_size=... argument of "
+                         f"{cls}(...)") from None
+
+
 @dataclass(frozen=True)
 class DCGANConfig:
-    """DCGAN (Radford et al. 2016) for 28x28 images, with the paper's training choices."""
+    """DCGAN (Radford et al. 2016), with the paper's training choices, for square images of
+    side ``image_size`` (28 for MNIST; 32 or 64 for OpenMoji) with ``channels`` channels.
+
+    The feature maps have the sides of :func:`resolution_levels`: ``7 -> 14 -> 28`` for 28,
+    ``4 -> 8 -> 16 -> 32`` for 32. The widths double at each coarser level: the generator
+    has ``g_width`` channels at ``image_size / 2``, ``2 g_width`` at ``image_size / 4``, and
+    so on (likewise the discriminator with ``d_width``).
+    """
 
     latent_dim: int = 100   # d_z: z ~ N(0, I) of this size (the paper uses 100)
-    channels: int = 1       # image channels (1 for MNIST)
-    g_width: int = 64       # generator channels at 14x14; 2 * g_width at 7x7
-    d_width: int = 64       # discriminator channels at 14x14; 2 * d_width at 7x7
+    channels: int = 1       # image channels (1 for MNIST, 3 for colour)
+    g_width: int = 64       # generator channels at 14x14; 2 * g_width at 7x7 (for 28x28 images)
+    d_width: int = 64       # discriminator channels at 14x14; 2 * d_width at 7x7 (for 28x28 images)
     lr: float = 2e-4        # Adam learning rate, both players (paper)
     beta1: float = 0.5      # Adam beta1 (paper: 0.9 oscillated)
     loss: GeneratorLoss = "non_saturating"  # the generator's loss (see generator_loss)
     seed: int = 0           # seeds the initial weights (build_dcgan)
+    image_size: int = 28    # side of the square images: 28, 32, 64, ... (see resolution_levels)
 
     def __post_init__(self) -> None:
-        runtime.check_fields(self, positive_ints=("latent_dim", "channels", "g_width", "d_width"),
+        runtime.check_fields(self, positive_ints=("latent_dim", "channels", "g_width", "d_width",
+                                                  "image_size"),
                              nonneg_ints=("seed",), positive_floats=("lr",),
                              half_open_unit=("beta1",), choices={"loss": GENERATOR_LOSSES})
+        check_image_size(self)
 
 
 class DCGANGenerator(nn.Module):
-    """``z (B, latent_dim) -> image (B, C, 28, 28)`` in ``[-1, 1]`` (tanh).
+    """``z (B, latent_dim) -> image (B, C, H, W)`` in ``[-1, 1]`` (tanh), ``H = W = image_size``.
 
-    Shapes: ``(B, d_z, 1, 1) -> (B, 2g, 7, 7) -> (B, g, 14, 14) -> (B, C, 28, 28)``, each
-    transposed convolution but the last followed by batch norm and ReLU.
+    Shapes for 28x28: ``(B, d_z, 1, 1) -> (B, 2g, 7, 7) -> (B, g, 14, 14) -> (B, C, 28, 28)``;
+    for 32x32: ``(B, d_z, 1, 1) -> (B, 4g, 4, 4) -> (B, 2g, 8, 8) -> (B, g, 16, 16)
+    -> (B, C, 32, 32)``. The first transposed convolution turns the ``1x1`` code into the
+    coarsest ``b x b`` map (kernel ``b``); each later one doubles the side (kernel 4, stride 2,
+    padding 1); all but the last are followed by batch norm and ReLU.
     """
 
     def __init__(self, config: DCGANConfig):
         super().__init__()
         self.config = config
-        g = config.g_width
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(config.latent_dim, 2 * g, 7, 1, 0, bias=False),  # 1 -> 7
-            nn.BatchNorm2d(2 * g), nn.ReLU(True),
-            nn.ConvTranspose2d(2 * g, g, 4, 2, 1, bias=False),                  # 7 -> 14
-            nn.BatchNorm2d(g), nn.ReLU(True),
-            nn.ConvTranspose2d(g, config.channels, 4, 2, 1),                    # 14 -> 28
-            nn.Tanh(),
-        )
+        sides = resolution_levels(config.image_size)         # e.g. (7, 14, 28), (4, 8, 16, 32)
+        n = len(sides) - 1                                   # stride-2 layers
+        widths = [config.g_width * 2 ** (n - 1 - i) for i in range(n)]   # at sides[:-1]: ..., 2g, g
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(config.latent_dim, widths[0], sides[0], 1, 0, bias=False),  # 1 -> b
+            nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+        for c_in, c_out in zip(widths, widths[1:]):                                        # side x 2
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(widths[-1], config.channels, 4, 2, 1),               # -> S
+                   nn.Tanh()]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         _check_input(z, (self.config.latent_dim,), "codes",
@@ -202,29 +253,36 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """``image (B, C, 28, 28) in [-1, 1] -> logit (B,)``.
+    """``image (B, C, H, W) in [-1, 1] -> logit (B,)``, ``H = W = image_size``.
 
-    Shapes: ``(B, C, 28, 28) -> (B, d, 14, 14) -> (B, 2d, 7, 7) -> (B, 1, 1, 1)``; strided
-    convolutions instead of pooling, LeakyReLU(0.2), no batch norm on the input layer. The
-    last 7x7 convolution sees the whole image, so each image gets exactly one logit; other
-    image sizes are refused (a 32x32 image would give a 2x2 map of logits).
+    Shapes for 28x28: ``(B, C, 28, 28) -> (B, d, 14, 14) -> (B, 2d, 7, 7) -> (B, 1, 1, 1)``;
+    for 32x32: ``(B, C, 32, 32) -> (B, d, 16, 16) -> (B, 2d, 8, 8) -> (B, 4d, 4, 4)
+    -> (B, 1, 1, 1)``. Strided convolutions instead of pooling, LeakyReLU(0.2), no batch
+    norm on the input layer. The last convolution (kernel ``b``, the coarsest side) sees
+    the whole image, so each image gets exactly one logit; other image sizes are refused
+    (a 32x32 image in a 28x28 discriminator would give a 2x2 map of logits).
     """
 
     def __init__(self, config: DCGANConfig):
         super().__init__()
         self.config = config
-        d = config.d_width
-        self.net = nn.Sequential(
-            nn.Conv2d(config.channels, d, 4, 2, 1), nn.LeakyReLU(0.2, True),            # 28 -> 14
-            nn.Conv2d(d, 2 * d, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * d),
-            nn.LeakyReLU(0.2, True),                                                    # 14 -> 7
-            nn.Conv2d(2 * d, 1, 7, 1, 0),                                               # 7 -> 1
-        )
+        sides = resolution_levels(config.image_size)
+        n = len(sides) - 1
+        widths = [config.d_width * 2 ** i for i in range(n)]            # d, 2d, ... at sides[-2::-1]
+        layers: list[nn.Module] = [nn.Conv2d(config.channels, widths[0], 4, 2, 1),    # S -> S/2
+                                   nn.LeakyReLU(0.2, True)]
+        for c_in, c_out in zip(widths, widths[1:]):                                    # side / 2
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(widths[-1], 1, sides[0], 1, 0))                        # b -> 1
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, (self.config.channels, 28, 28), "images",
-                     "the convolutions assume 28x28 images, so add the batch axis, "
-                     "or resize or pad other sizes to 28x28")
+        size = self.config.image_size
+        _check_input(x, (self.config.channels, size, size), "images",
+                     f"the convolutions assume {size}x{size} images, so add the batch axis, "
+                     f"or resize or pad other sizes to {size}x{size} (or set "
+                     "DCGANConfig.image_size and channels)")
         return self.net(x).flatten()                                    # (B, 1, 1, 1) -> (B,)
 
 
@@ -261,6 +319,23 @@ DCGAN_SIZES = {
 """The sizes of notebooks/03_dcgan.ipynb for each execution profile (the only thing that
 changes between profiles): ``cfg = runtime.profile_config(**gan.DCGAN_SIZES)``; the
 benchmarks import the same dict."""
+
+def _openmoji_dcgan(width: int) -> DCGANConfig:
+    return DCGANConfig(channels=3, image_size=32, g_width=width, d_width=width, lr=5e-4)
+
+
+DCGAN_OPENMOJI_SIZES = {
+    "smoke": dict(model=_openmoji_dcgan(8), batch_size=32, steps=30),
+    "cpu": dict(model=_openmoji_dcgan(32), batch_size=64, steps=900),
+    "gpu": dict(model=_openmoji_dcgan(64), batch_size=128, steps=10_000),
+}
+"""The DCGAN of the side-by-side comparison on OpenMoji at 32x32 in colour (generator and
+discriminator trained with :func:`make_train_step` on ``to_tanh_range`` images):
+``cfg = runtime.profile_config(**gan.DCGAN_OPENMOJI_SIZES)``. The cpu profile is sized for
+about 3 minutes of training on 2 CPU cores (from steps per second measured on one thread).
+The learning rate, the same in every profile, is above the paper's 2e-4: in the cpu
+profile's 900 steps, 2e-4 left the discriminator winning and the samples blobs. The gpu
+sizes follow the MNIST DCGAN's and were not timed."""
 
 
 def adam_pair(G: nn.Module, D: nn.Module, lr: float, beta1: float
@@ -532,7 +607,7 @@ def principal_latent_directions(G: DCGANGenerator, k: int = 3) -> torch.Tensor:
     if not 1 <= k <= conv.weight.shape[0]:
         raise ValueError(f"k must be between 1 and latent_dim={conv.weight.shape[0]}, got {k}")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)             # (C,)
-    A = (conv.weight * scale[None, :, None, None]).flatten(1).T         # (C*7*7, d_z)
+    A = (conv.weight * scale[None, :, None, None]).flatten(1).T         # (C*b*b, d_z)
     _, _, vh = torch.linalg.svd(A.double(), full_matrices=False)         # rows: directions
     directions = vh[:k]
     signs = torch.sign(directions.gather(1, directions.abs().argmax(1, keepdim=True)))

@@ -289,3 +289,206 @@ def test_evaluate_is_the_mean_of_the_per_image_bounds():
     assert all(per_image[k].shape == (12,) and math.isclose(float(per_image[k].mean()), means[k])
                for k in means)
     assert torch.allclose(per_image["neg_elbo"], per_image["recon_nll"] + per_image["kl"])
+
+
+# ------------------------------------------- colour images and discretised likelihoods
+
+COLOUR = vae.VAEConfig(channels=3, image_size=32, latent_dim=4, width=4, hidden=16, lr=3e-3,
+                       likelihood="discretised_logistic", scale="pixel")
+
+
+def _colour_batch(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Discs of random colours on white, as 8-bit pixels k/255: (n, 3, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = torch.ones(n, 3, size, size)
+    for image in images:
+        cx, cy = torch.randint(size // 4, size - size // 4, (2,), generator=g).tolist()
+        r = int(torch.randint(size // 8, size // 4 + 1, (1,), generator=g))
+        image[:, (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = torch.rand(3, 1, generator=g)
+    return torch.round(images * 255) / 255
+
+
+def _brute_force_probs(mean: torch.Tensor, log_scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """P(k / 255) for k = 0..255 (rows) by the definition: the continuous CDF's mass on each
+    value's bin, the edge bins reaching to -inf and +inf; float64."""
+    cdf = torch.sigmoid if kind == "logistic" else torch.special.ndtr
+    k = torch.arange(256, dtype=torch.float64)[:, None]
+    s = log_scale.exp()
+    upper = cdf((k / 255 + 0.5 / 255 - mean) / s)
+    lower = cdf((k / 255 - 0.5 / 255 - mean) / s)
+    upper = torch.where(k == 255, 1.0, upper)
+    lower = torch.where(k == 0, 0.0, lower)
+    return upper - lower
+
+
+@pytest.mark.parametrize("kind", ["logistic", "gaussian"])
+def test_discretised_likelihood_sums_to_one_over_the_256_values_and_matches_brute_force(kind):
+    g = torch.Generator().manual_seed(0)
+    # means inside and outside the pixel range, scales from a fraction of a bin to the whole range
+    mean = torch.cat([torch.rand(300, generator=g, dtype=torch.float64) * 1.4 - 0.2,
+                      torch.tensor([0.0, 1.0, 0.5 / 255, 127.5 / 255, -3.0, 4.0], dtype=torch.float64)])
+    log_scale = torch.cat([torch.rand(300, generator=g, dtype=torch.float64) * 9 - 8,
+                           torch.tensor([-8.0, -8.0, -8.0, -8.0, 0.0, 1.0], dtype=torch.float64)])
+    x = (torch.arange(256, dtype=torch.float64) / 255)[:, None]           # every value, (256, 1)
+    log_p = vae.discretised_log_prob(x, mean, log_scale, kind)            # (256, 306)
+    assert log_p.shape == (256, 306) and (log_p <= 0).all()
+    torch.testing.assert_close(log_p.exp().sum(0), torch.ones(306, dtype=torch.float64), rtol=0, atol=1e-10)
+    brute = _brute_force_probs(mean, log_scale, kind)
+    resolved = brute > 1e-6        # where float64 differences of CDFs are themselves accurate
+    torch.testing.assert_close(log_p[resolved], brute[resolved].log(), rtol=0, atol=1e-8)
+    # ... and so are its gradients (with respect to the mean and the log-scale)
+    m, s = mean.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    weights = torch.randn(256, 306, generator=g, dtype=torch.float64) * (brute > 1e-3)
+    ours = torch.autograd.grad((vae.discretised_log_prob(x, m, s, kind) * weights).sum(), (m, s))
+    theirs = torch.autograd.grad((_brute_force_probs(m, s, kind).clamp(min=1e-300).log() * weights).sum(), (m, s))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8 * float(b.abs().max()))
+    # float32, as training uses it: the same to float32 accuracy, and finite gradients even
+    # for scales and means far outside the useful range
+    m32 = mean.float().requires_grad_()
+    s32 = torch.cat([log_scale[:-2], torch.tensor([-30.0, 40.0], dtype=torch.float64)]).float().requires_grad_()
+    log_p32 = vae.discretised_log_prob(x.float(), m32, s32, kind)
+    assert torch.isfinite(log_p32).all()
+    torch.testing.assert_close(log_p32.double().exp().sum(0), torch.ones(306, dtype=torch.float64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(log_p32[:, :-2][resolved[:, :-2]].double(), log_p[:, :-2][resolved[:, :-2]],
+                               rtol=0, atol=1e-3)
+    log_p32.sum().backward()
+    assert torch.isfinite(m32.grad).all() and torch.isfinite(s32.grad).all()
+    # The per-image log-likelihood is the sum over pixels; the draws and the mean agree with
+    # the probabilities.
+    images = _colour_batch(4)
+    mean_img = torch.rand(4, 3, 32, 32, generator=g)
+    log_s = torch.full((3, 1, 1), -2.5)
+    torch.testing.assert_close(vae.discretised_log_likelihood(images, mean_img, log_s, kind),
+                               vae.discretised_log_prob(images, mean_img, log_s, kind).flatten(1).sum(1))
+    probs = brute[:, :6]                                                  # (256, 6)
+    expected_mean = (torch.arange(256, dtype=torch.float64)[:, None] / 255 * probs).sum(0)
+    torch.testing.assert_close(vae.discretised_mean(mean[:6], log_scale[:6], kind), expected_mean,
+                               rtol=0, atol=1e-10)
+    n = 40_000
+    draws = vae.discretised_sample(mean[:6].expand(n, 6), log_scale[:6], kind, torch.Generator().manual_seed(1))
+    levels = vae.pixel_levels(draws).long()                               # (n, 6), on the grid
+    counts = torch.stack([torch.bincount(levels[:, j], minlength=256) for j in range(6)], 1)
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 5 * se + 1e-3).all()
+
+
+def test_discretised_likelihood_refuses_pixels_off_the_8bit_grid():
+    mean = torch.zeros(1, 3)
+    for bad in (torch.tensor([[0.5, 0.0, 1.0]]), torch.tensor([[1.0 + 1 / 255, 0.0, 0.0]]),
+                torch.tensor([[-1 / 255, 0.0, 0.0]])):
+        with pytest.raises(ValueError, match="8-bit pixel values k/255"):
+            vae.discretised_log_likelihood(bad, mean, 0.0)
+    with pytest.raises(ValueError, match="unknown discretised distribution"):
+        vae.discretised_log_prob(torch.zeros(1, 3), mean, 0.0, "laplace")
+    with pytest.raises(ValueError, match="no batch axis"):
+        vae.discretised_log_likelihood(torch.zeros(3), torch.zeros(3), 0.0)
+
+
+def test_config_image_size_likelihood_and_scale_are_validated():
+    for bad, match in [(dict(image_size=30), "VAEConfig.image_size"), (dict(image_size=9), "VAEConfig.image_size"),
+                       (dict(image_size=0), "VAEConfig.image_size"), (dict(likelihood="gaussian"), "VAEConfig.likelihood"),
+                       (dict(likelihood="discretised_logistic", scale="image"), "VAEConfig.scale"),
+                       (dict(likelihood="discretised_logistic", binarization="dynamic"), "binarises the images"),
+                       (dict(scale="pixel"), "applies only to the discretised")]:
+        with pytest.raises(ValueError, match=match):
+            vae.VAEConfig(**bad)
+    model = vae.build_vae(COLOUR)
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        model.encode(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="pass draw=True"):
+        vae.sample(model, 2, binary=True)
+
+
+_SHAPE_CASES = [vae.VAEConfig(channels=3, image_size=size, latent_dim=5, width=4, hidden=16, likelihood=lik, scale=scale)
+                for size in (32, 64, 28)
+                for lik, scale in [("bernoulli", "channel"), ("discretised_logistic", "channel"),
+                                   ("discretised_gaussian", "pixel")]]
+
+
+@pytest.mark.parametrize("cfg", _SHAPE_CASES + [vae.CONV_VAE_OPENMOJI_SIZES[p]["model"] for p in ("smoke", "cpu", "gpu")])
+def test_vae_layer_shapes_and_parameter_count_follow_the_resolution_levels(cfg):
+    image_size, likelihood, scale = cfg.image_size, cfg.likelihood, cfg.scale
+    sides = {28: (7, 14, 28), 32: (4, 8, 16, 32), 64: (4, 8, 16, 32, 64)}[image_size]
+    model = vae.build_vae(cfg)
+    C, w, h, Z, n = cfg.channels, cfg.width, cfg.hidden, cfg.latent_dim, len(sides) - 1
+    P = C if likelihood == "bernoulli" else 2 * C        # logits, or means and log-scales
+    x = torch.zeros(2, C, image_size, image_size)
+    enc = [m for m in model.encoder.net if isinstance(m, torch.nn.Conv2d)]
+    dec = [m for m in model.decoder.net if isinstance(m, torch.nn.ConvTranspose2d)]
+    shapes = training.layer_shapes(model, x, {**{f"e{i}": m for i, m in enumerate(enc)},
+                                              **{f"d{i}": m for i, m in enumerate(dec)}})
+    widths = [w * 2**i for i in range(n)]                # w at image_size / 2, doubling per halving
+    assert [shapes[f"e{i}"] for i in range(n)] == [(2, widths[i], sides[-2 - i], sides[-2 - i]) for i in range(n)]
+    out = [(2, widths[n - 2 - i], sides[i + 1], sides[i + 1]) for i in range(n - 1)]
+    assert [shapes[f"d{i}"] for i in range(n)] == out + [(2, P if scale == "pixel" else C, image_size, image_size)]
+    params, mu, logvar, _ = model(x)
+    assert params.shape == (2, P, image_size, image_size) and mu.shape == logvar.shape == (2, Z)
+    assert model.decode(torch.zeros(3, 2, Z)).shape == (3, 2, P, image_size, image_size)
+    # Parameters in closed form: 4x4 kernels with biases, the two linear layers each way,
+    # and C log-scales for the per-channel decoder.
+    convs = C * w * 16 + w + sum(a * b * 16 + b for a, b in zip(widths, widths[1:]))
+    flat = widths[-1] * sides[0] ** 2
+    n_enc = convs + flat * h + h + h * 2 * Z + 2 * Z
+    last = P if scale == "pixel" else C
+    n_dec = (Z * h + h + h * flat + flat + sum(b * a * 16 + a for a, b in zip(widths, widths[1:]))
+             + w * last * 16 + last + (C if likelihood != "bernoulli" and scale == "channel" else 0))
+    assert sum(p.numel() for p in model.encoder.parameters()) == n_enc
+    assert sum(p.numel() for p in model.decoder.parameters()) == n_dec
+
+
+@pytest.mark.parametrize("likelihood, scale", [("discretised_logistic", "pixel"), ("discretised_gaussian", "channel")])
+def test_elbo_is_below_the_iwae_bound_for_a_discretised_decoder(likelihood, scale):
+    cfg = dataclasses.replace(COLOUR, likelihood=likelihood, scale=scale)
+    model = vae.build_vae(cfg)
+    x = _colour_batch(6)
+    # k = 1 with the same noise is the single-sample ELBO, computed here from its parts.
+    bound = vae.iwae_bound(model, x, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        z = mu + (0.5 * logvar).exp() * torch.randn(1, *mu.shape, generator=torch.Generator().manual_seed(5))[0]
+        mean, log_s = model.decode(z).chunk(2, dim=1)
+        rec = vae.discretised_log_prob(x, mean, log_s, cfg.discretised).flatten(1).sum(1)
+        q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+        single = rec - (q.log_prob(z) - Independent(Normal(torch.zeros_like(mu), 1.0), 1).log_prob(z))
+    torch.testing.assert_close(bound, single, rtol=1e-5, atol=1e-2)
+    # The ELBO (analytic KL) <= E[L_k], increasing with k, per image, beyond the noise.
+    g = torch.Generator().manual_seed(6)
+    reps = 20
+    elbos = torch.stack([vae.elbo_terms_of(model, x, generator=g).elbo for _ in range(reps)])
+    iwae = {k: torch.stack([vae.iwae_bound(model, x, k, generator=g) for _ in range(reps)]) for k in (4, 32)}
+    se = lambda a, b: (a.var(0) / reps + b.var(0) / reps).sqrt()
+    assert (iwae[4].mean(0) - elbos.mean(0) > -3 * se(iwae[4], elbos)).all()
+    assert (iwae[32].mean(0) - iwae[4].mean(0) > -3 * se(iwae[32], iwae[4])).all()
+    assert float(iwae[32].mean()) > float(iwae[4].mean()) > float(elbos.mean())
+    out = vae.evaluate(model, x, ks=(8,), batch_size=4)
+    assert out["iwae_8"] < out["neg_elbo"] and math.isclose(out["neg_elbo"], out["recon_nll"] + out["kl"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("likelihood, scale", [("bernoulli", "channel"), ("discretised_logistic", "pixel"),
+                                               ("discretised_gaussian", "channel")])
+def test_tiny_colour_vae_lowers_its_negative_elbo_on_one_batch(likelihood, scale):
+    cfg = dataclasses.replace(COLOUR, likelihood=likelihood, scale=scale)
+    x = _colour_batch(8)
+    target = vae.binarize(x) if likelihood == "bernoulli" else x
+    model = vae.build_vae(cfg)
+
+    def neg_elbo() -> float:
+        return vae.evaluate(model, target, seed=0)["neg_elbo"]
+
+    before = neg_elbo()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step = vae.make_train_step(model, opt, generator=torch.Generator().manual_seed(0))
+    training.train(step, training.minibatches(x, batch_size=8), 150, progress=False)
+    after = neg_elbo()
+    assert after < 0.35 * before, (before, after)     # e.g. 28,700 -> 3,200 nats (logistic, per pixel)
+    # the decoded means are 8-bit-range images, the draws lie on the grid
+    means = vae.sample(model, 4, generator=torch.Generator().manual_seed(0))
+    draws = vae.sample(model, 4, generator=torch.Generator().manual_seed(0), draw=True)
+    assert means.shape == draws.shape == (4, 3, 32, 32) and 0 <= means.min() and means.max() <= 1
+    if likelihood == "bernoulli":
+        assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    else:
+        vae.pixel_levels(draws)                                                # raises if off the grid
+
