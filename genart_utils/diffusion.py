@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributions, runtime, training
+from . import distributions, metrics, runtime, training
 from .runtime import autocast, grad_scaler
 
 SCHEDULES = ("linear", "cosine")
@@ -680,34 +680,75 @@ def prior_kl(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bits_per_dim(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, *,
-                 samples_per_image: int = 1, labels: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, batch_size: int = 256,
-                 device: torch.device | str = "cpu") -> tuple[float, float]:
-    r"""An unbiased Monte Carlo estimate of the variational bound in bits per dimension on
-    8-bit ``images`` in ``[0, 1]``, with its standard error:
-
-    .. math:: -\log p_\theta(x_0) \le L_T + \sum_{t=1}^{T} L_{t-1}
-              = L_T + T\,\mathbb E_{t \sim U\{1..T\}}[L_{t-1}],
-
-    one uniform ``t`` (and one noise draw) per image and repeat, divided by :math:`D \log 2`
-    with :math:`D = C H W`. The same number a VAE's discretised bound gives, so the two can be
-    compared. Returns ``(mean, standard error)`` over the ``len(images) *
-    samples_per_image`` draws.
-    """
-    device = torch.device(device)
+def _check_8bit(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W) in [0, 1], got shape {tuple(images.shape)}")
     if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
         raise ValueError(f"bits_per_dim takes images in [0, 1], got values in "
                          f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
-    if not runtime.is_int(samples_per_image) or samples_per_image < 1:
-        raise ValueError(f"samples_per_image must be a positive int, got {samples_per_image!r}")
     quantised = torch.round(images * 255) / 255
     if not torch.allclose(quantised, images, atol=1e-4):
         raise ValueError("bits_per_dim needs 8-bit images (values k / 255): the bound is a "
                          "likelihood of discrete pixel values")
-    x0 = to_model_range(quantised)
+    return to_model_range(quantised)
+
+
+@torch.no_grad()
+def step_proposal(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, *,
+                  labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
+    r"""A distribution over the steps for :func:`bits_per_dim`'s importance sampling:
+    :math:`p(t) \propto \sqrt{\mathbb E[L_{t-1}^2]}`, estimated from every step of a few pilot
+    ``images`` (``len(images) * T`` network calls). This proposal minimises the variance of
+    the estimate (Nichol and Dhariwal's choice); the terms of the bound span many orders of
+    magnitude (:math:`L_0` and the first KLs dominate), so a uniform ``t`` is very noisy.
+    Returns ``(T,)`` probabilities, each at least ``1e-3 / T`` so that no step is ignored.
+    """
+    device = torch.device(device)
+    x0 = _check_8bit(images)
+    second_moment = torch.zeros(schedule.T, dtype=torch.float64)
+    for x, lab in zip(x0, labels if labels is not None else [None] * len(x0)):
+        for start in range(0, schedule.T, batch_size):
+            t = torch.arange(start, min(start + batch_size, schedule.T))
+            xs = x.expand(len(t), *x.shape)
+            noise = torch.randn(xs.shape, generator=generator)
+            lb = None if lab is None else lab.expand(len(t)).to(device)
+            terms = vlb_terms(model, schedule, xs.to(device), t.to(device), noise.to(device), lb).cpu()
+            second_moment[start:start + len(t)] += terms ** 2
+    p = torch.sqrt(second_moment / len(x0))
+    p = p / p.sum()
+    p = p.clamp_min(1e-3 / schedule.T)
+    return p / p.sum()
+
+
+@torch.no_grad()
+def bits_per_dim(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor, *,
+                 samples_per_image: int = 1, labels: torch.Tensor | None = None,
+                 proposal: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[float, float]:
+    r"""An unbiased Monte Carlo estimate of the variational bound in bits per dimension on
+    8-bit ``images`` in ``[0, 1]``, with its standard error:
+
+    .. math:: -\log p_\theta(x_0) \le L_T + \sum_{t=1}^{T} L_{t-1}
+              = L_T + \mathbb E_{t \sim p}\Big[\frac{L_{t-1}}{p(t)}\Big],
+
+    one step ``t`` (and one noise draw) per image and repeat, divided by :math:`D \log 2`
+    with :math:`D = C H W`. ``proposal`` is :math:`p`: uniform by default (then the weight is
+    :math:`T`), or :func:`step_proposal`'s importance distribution, which gives the same
+    expectation with a far smaller standard error. The same number a VAE's discretised bound
+    gives, so the two can be compared. Returns ``(mean, standard error)`` over the
+    ``len(images) * samples_per_image`` draws.
+    """
+    device = torch.device(device)
+    x0 = _check_8bit(images)
+    if not runtime.is_int(samples_per_image) or samples_per_image < 1:
+        raise ValueError(f"samples_per_image must be a positive int, got {samples_per_image!r}")
+    if proposal is None:
+        proposal = torch.full((schedule.T,), 1.0 / schedule.T, dtype=torch.float64)
+    proposal = torch.as_tensor(proposal, dtype=torch.float64)
+    if proposal.shape != (schedule.T,) or (proposal <= 0).any() or abs(float(proposal.sum()) - 1) > 1e-6:
+        raise ValueError(f"proposal must be {schedule.T} positive probabilities summing to 1 "
+                         "(see step_proposal)")
     dim = x0[0].numel()
     model_was_training = model.training
     model.eval()
@@ -716,14 +757,14 @@ def bits_per_dim(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor
         for _ in range(samples_per_image):
             for start in range(0, len(x0), batch_size):
                 x = x0[start:start + batch_size]
-                t = torch.randint(0, schedule.T, (len(x),), generator=generator)
+                t = torch.multinomial(proposal, len(x), replacement=True, generator=generator)
                 noise = torch.randn(x.shape, generator=generator)
                 lab = None if labels is None else labels[start:start + batch_size].to(device)
                 terms = vlb_terms(model, schedule, x.to(device), t.to(device), noise.to(device), lab).cpu()
-                totals.append(prior_kl(schedule, x) + schedule.T * terms)
+                totals.append(prior_kl(schedule, x) + terms / proposal[t])
     finally:
         model.train(model_was_training)
-    bits = torch.cat(totals) / (dim * math.log(2))
+    bits = metrics.nats_to_bits_per_dim(torch.cat(totals), dim)
     return float(bits.mean()), float(bits.std(unbiased=True) / math.sqrt(len(bits)))
 
 

@@ -170,33 +170,18 @@ class GaussianMixture1d(nn.Module):
         return self.mu[k] + self.sigma[k] * torch.randn(n, generator=generator)
 
 
-def discretised_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
-                                        levels: int = 256) -> torch.Tensor:
-    r"""Log-probability (nats, elementwise) of pixels ``x`` quantised to ``levels`` values in
-    ``[-1, 1]`` under a Gaussian :math:`\mathcal N(\mu, \sigma^2)` discretised to those bins.
+def discretised_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+                                        ) -> torch.Tensor:
+    r"""Log-probability (nats, elementwise) of 8-bit pixels ``x`` in ``[-1, 1]`` (the values
+    :math:`2k/255 - 1`) under a Gaussian :math:`\mathcal N(\mu, \sigma^2)` discretised to the
+    256 bins, with ``log_scale`` :math:`= \log\sigma`: the decoder of Ho et al.'s diffusion
+    bound. Each value owns the interval up to the half-way points to its neighbours and the
+    two extreme values own the tails, so the 256 probabilities of a pixel sum to 1.
 
-    Each value :math:`x` owns the interval :math:`[x - \delta, x + \delta]`, with the half
-    bin width :math:`\delta = 1 / (\text{levels} - 1)`; the two extreme values own the tails:
-
-    .. math:: P(x) = \Phi\Big(\frac{x^+ - \mu}{\sigma}\Big) - \Phi\Big(\frac{x^- - \mu}{\sigma}\Big),
-              \quad x^\pm = x \pm \delta, \quad x^+ = +\infty \text{ at } x = 1,
-              \; x^- = -\infty \text{ at } x = -1,
-
-    so the probabilities of the ``levels`` values of one pixel sum to 1 for any
-    :math:`\mu, \sigma`: an honest likelihood of 8-bit images (the decoder of Ho et al.'s
-    diffusion bound). Inputs broadcast; ``log_scale`` is :math:`\log\sigma`.
+    It is :func:`genart_utils.vae.discretised_log_prob` (pixels in ``[0, 1]``, where the maths
+    and the numerics are documented) after the change of variables :math:`x \mapsto (x + 1)/2`,
+    which halves the mean's offset and the scale; one implementation serves both chapters.
     """
-    if levels < 2:
-        raise ValueError(f"levels must be at least 2, got {levels}")
-    x, mean, log_scale = torch.broadcast_tensors(x, mean, log_scale)
-    delta = 1.0 / (levels - 1)
-    inv_sigma = torch.exp(-log_scale)
-    upper = torch.where(x > 1 - delta / 2, torch.full_like(x, math.inf), (x + delta - mean) * inv_sigma)
-    lower = torch.where(x < -1 + delta / 2, torch.full_like(x, -math.inf), (x - delta - mean) * inv_sigma)
-    # Φ(b) - Φ(a) loses all precision far in the upper tail; Φ(-a) - Φ(-b) is the same number
-    # computed in the lower tail, so use whichever side of the bin lies nearer zero's left.
-    flip = (lower + upper) > 0
-    a = torch.where(flip, -upper, lower)
-    b = torch.where(flip, -lower, upper)
-    mass = torch.special.ndtr(b) - torch.special.ndtr(a)
-    return torch.log(mass.clamp_min(1e-12))
+    from .vae import discretised_log_prob
+
+    return discretised_log_prob((x + 1) / 2, (mean + 1) / 2, log_scale - math.log(2.0), "gaussian")

@@ -955,6 +955,19 @@ Z95 = 1.959963984540054
 """The standard normal quantile of 0.975: a 95% interval is the estimate ± ``Z95`` standard errors."""
 
 
+def nats_to_bits_per_dim(nats, dims: int):
+    r"""A negative log-likelihood (or a bound on it) in nats per example, as bits per
+    dimension: :math:`-\log p(x) / (d_x \ln 2)` with ``dims`` :math:`= d_x = C H W`.
+
+    Comparable across models only for likelihoods of the same discrete values: the 8-bit
+    pixels of the VAE's discretised decoders and of the diffusion bound. Works on floats and
+    tensors.
+    """
+    if not runtime.is_int(dims) or dims < 1:
+        raise ValueError(f"dims must be a positive int (C * H * W), got {dims!r}")
+    return nats / (dims * math.log(2.0))
+
+
 def mean_interval(values, z: float = Z95) -> tuple[float, float, float]:
     r"""The mean of ``values`` and its interval :math:`\bar v \pm z\, s / \sqrt n`
     (``s`` the sample standard deviation), as ``(mean, low, high)``; the bounds are NaN

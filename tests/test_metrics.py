@@ -547,3 +547,11 @@ def test_memorisation_check_on_colour_images():
     torch.testing.assert_close(out["samples"]["distances"], brute)
     with pytest.raises(ValueError, match="same image shape"):
         metrics.memorisation_check(samples[:, :1], train, held_out)
+
+
+def test_nats_to_bits_per_dim():
+    assert metrics.nats_to_bits_per_dim(3072 * math.log(256), 3072) == pytest.approx(8.0)
+    t = metrics.nats_to_bits_per_dim(torch.tensor([0.0, 784 * math.log(2)]), 784)
+    assert torch.allclose(t, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="dims"):
+        metrics.nats_to_bits_per_dim(1.0, 0)
