@@ -413,7 +413,7 @@ def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: 
                 ) -> torch.Tensor:
     r"""The noise-matching loss, in one of two weightings of the same per-step errors.
 
-    * ``weighting="eps"``: Ho et al.'s "simple" loss, :math:`J = \frac1B \sum_b \frac1D
+    * ``weighting="eps"``: Ho et al.'s "simple" loss, :math:`J = \frac1B \sum_b \frac{1}{d_x}
       \|\epsilon_b - \epsilon_\theta(x_{t_b}, t_b)\|^2`. Each term is, up to the weight
       :math:`\beta_t^2 / (2\tilde\beta_t\,\alpha_t\,(1 - \bar\alpha_t))` and a constant, the KL
       term :math:`L_{t-1}` of the variational bound; dropping the weights (and drawing ``t``
@@ -732,8 +732,8 @@ def bits_per_dim(model: nn.Module, schedule: NoiseSchedule, images: torch.Tensor
     .. math:: -\log p_\theta(x_0) \le L_T + \sum_{t=1}^{T} L_{t-1}
               = L_T + \mathbb E_{t \sim p}\Big[\frac{L_{t-1}}{p(t)}\Big],
 
-    one step ``t`` (and one noise draw) per image and repeat, divided by :math:`D \log 2`
-    with :math:`D = C H W`. ``proposal`` is :math:`p`: uniform by default (then the weight is
+    one step ``t`` (and one noise draw) per image and repeat, divided by :math:`d_x \log 2`
+    with :math:`d_x = C H W`. ``proposal`` is :math:`p`: uniform by default (then the weight is
     :math:`T`), or :func:`step_proposal`'s importance distribution, which gives the same
     expectation with a far smaller standard error. The same number a VAE's discretised bound
     gives, so the two can be compared. Returns ``(mean, standard error)`` over the
