@@ -18,6 +18,13 @@ the whole corpus; parsing whole collections with music21 would take minutes. Onl
 at a time is ever given to music21's ABC parser (:func:`parse_abc`), to turn generated text
 into notes.
 
+Bars: :func:`bars` measures every bar as written, with the rules of music21's ABC tokenizer
+re-implemented here (checked against music21 in tests/test_tunes.py; a whole-corpus pass
+takes seconds instead of more than a minute); :func:`bar_verdicts` and :func:`check_tune`
+judge them; :func:`bar_table` and :func:`bar_error_rates` tabulate where bars go wrong; and
+:class:`BarTracker` follows a tune while it is written, which is what
+:class:`genart_utils.sampling.MetreConstraint` builds on.
+
 What a tune keeps (see :func:`extract_tunes`): the metre ``M:``, the unit note length ``L:``
 and the key ``K:`` (in that order, in a normalised form) followed by the lines of music.
 Everything else is dropped: the reference number ``X:``, titles, notes, origins, sources,
@@ -28,6 +35,7 @@ of the music has no use for (or, like lyrics, a different language).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import re
@@ -36,7 +44,7 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -336,7 +344,7 @@ def parse_abc(abc: str, time_limit: float | None = 3.0):
 class BarCheck:
     """The result of :func:`check_tune`."""
 
-    parsed: bool        # music21 read the tune and found notes
+    parsed: bool        # music21 read the tune and found notes, and every field in the music is valid
     n_bars: int         # measures found
     n_bad: int          # measures whose length does not fit the metre
     free: bool = False  # free metre (M:none): there is no bar length to check
@@ -350,7 +358,7 @@ class BarCheck:
 
 
 _BAR_AT_END = re.compile(r"(\||\|\]|\|:|::)\s*$")
-_PLAIN_BARS = (None, "|")
+_PLAIN_BARS = (None, "|")   # bar lines that neither end nor start a section
 _LINE_BREAK = "[|"   # marks a line break without a bar line (a bar symbol rare in the corpus)
 
 
@@ -362,101 +370,606 @@ class Bar:
     expected: float | None      # the metre's bar length in quarter notes; None for free metre
     left: str | None            # the bar line before it, as written ("|", "|:", "||", ...)
     right: str | None           # the bar line after it (None at the end of the text)
+    notes: tuple[str, ...] = ()         # its notes, rests and chords as written ("A2", "^c/", "[CE]2", "z4")
+    durations: tuple[float, ...] = ()   # their lengths in quarter notes, in the same order
+    unit: float | None = None   # the unit note length L: in quarter notes (0.5 for L:1/8)
+    start: int = -1             # offset in the tune text of its first note
+    end: int = -1               # offset just after its last note
 
 
-def _mark_line_breaks(abc: str) -> str:
+# ------------------------------------------------------------------------ reading ABC as music21 does
+# music21's ABC tokenizer (abcFormat.ABCHandler) decides what is a note, a bar line or a field,
+# and how long each note is. check_tune uses music21 to parse, so the bars must be read the same
+# way; music21 itself is too slow to ask at every step of constrained sampling (milliseconds per
+# call). What follows re-implements the rules of music21 9.x's tokenizer that decide durations
+# and bar lines (including its quirks: a note written with the fermata "H" or an invisible rest
+# "x" has no duration, a single ":" is a bar line, "|1" is a bar line and a first ending, ...).
+# tests/test_tunes.py checks it token by token against music21 on the corpus and on random text.
+
+_DECORATION_OR_ACCIDENTAL = ".~^=_HLMOPSTuv"     # may precede the pitch letter of a note
+_NOT_A_PITCH = "~wuvhHLTSN"                      # letters not taken as the pitch after those
+_BAR_SYMBOLS = (":|1", ":|2", "|]", "||", "[|", "[1", "[2", "|1", "|2", ":|", "|:", "::", "|", ":")
+_BAR_STARTS = {c: tuple(b for b in _BAR_SYMBOLS if b[0] == c) for c in ":|["}   # longest first
+_BAR_PARTS = {"::": (":|", "|:"), "|1": ("|", "[1"), "|2": ("|", "[2"), ":|1": (":|", "[1"),
+              ":|2": (":|", "[2")}
+_IGNORED_WORDS = frozenset({
+    "w", "u", "v", "v.", "h", "H", "vk", "uk", "U", "~", ".", "=", "V", "S", "s", "i", "I", "ui",
+    "u.", "Q", "Hy", "Hx", "r", "m", "M", "n", "N", "o", "O", "P", "l", "L", "R", "y", "T", "t",
+    "x", "Z"})
+_IGNORED_AFTER_CHORD_SYMBOL = "uvkKQ.yTwhx"
+_DYNAMICS = frozenset({"!crescendo(!", "!crescendo)!", "!diminuendo(!", "!diminuendo)!"})
+_SINGLE_MARKS = {".": "other", "u": "other", "v": "other", "K": "other", "k": "other", "M": "other",
+                 "{": "grace_start", "}": "grace_stop"}
+_CHORD_SYMBOL = re.compile(r'"[^"]*"')
+_LENGTH_RUN = re.compile(r"[0-9,/']*")   # after a pitch: octave marks and length (str.isdigit: see below)
+_PITCH_LETTER = re.compile("[a-gA-Gz]")
+_INLINE_FIELD = re.compile(r"^\[([A-Za-z]):([^\]]*)\]$")
+_KEY = re.compile(r"^(?:none|HP|Hp|[A-Ha-h][#b]?[A-Za-z]*)$")
+_BROKEN = {">": (Fraction(3, 2), Fraction(1, 2)), "<": (Fraction(1, 2), Fraction(3, 2)),
+           ">>": (Fraction(7, 4), Fraction(1, 4)), "<<": (Fraction(1, 4), Fraction(7, 4)),
+           ">>>": (Fraction(15, 8), Fraction(1, 8)), "<<<": (Fraction(1, 8), Fraction(15, 8))}
+_TUPLET_NORMAL = {1: 1, 2: 3, 3: 2, 4: 3, 5: None, 6: 2, 7: None, 8: 3, 9: None}  # None: 3 if compound else 2
+
+
+class _Token(NamedTuple):
+    kind: str      # meta, bar, note, chord, tuplet, broken, grace_start, grace_stop or other
+    src: str       # as music21 collects it (a chord symbol in quotes is prepended to its note)
+    pos: int       # offset of its first character in the scanned text
+    pending: str   # the chord symbol read before it and not yet attached to a note
+
+
+def _tokenize(s: str, chord_symbol: str = "") -> tuple[list[_Token], str]:
+    """Split ABC text into tokens exactly as music21's ``ABCHandler.tokenize`` does.
+
+    ``chord_symbol`` is a chord symbol (``"Am"``) read before ``s`` and not yet attached to
+    a note. Returns the tokens and the chord symbol still pending at the end.
+
+    Raises:
+        AbcParseError: where music21's tokenizer fails (it indexes past the end of the text).
+    """
+    tokens: list[_Token] = []
+    n = len(s)
+    pos, skip = -1, 0
+    while pos < n - 1:
+        pos += 1 + skip
+        skip = 0
+        if pos > n - 1:
+            break
+        c = s[pos]
+        c1 = s[pos + 1] if pos + 1 < n else None
+        c2 = s[pos + 2] if pos + 2 < n else None
+        if c == "%":                                          # a comment, to the end of the line
+            j = s.find("\n", pos + 1)
+            skip = (n if j < 0 else j) - (pos + 1)
+            continue
+        if c1 == ":" and c2 is not None and c2 != "|" and (c == "w" or (c.isalpha() and c.isupper())):
+            j = s.find("\n", pos + 1)                         # a field, to the end of the line
+            j = n if j < 0 else j
+            tokens.append(_Token("meta", s[pos:j].strip(), pos, chord_symbol))
+            skip = j - (pos + 1)
+            continue
+        if c in _BAR_STARTS:                                  # the longest bar symbol that matches
+            bar = None
+            for symbol in _BAR_STARTS[c]:
+                if s.startswith(symbol, pos):
+                    bar = symbol
+                    break
+            if bar is not None:
+                skip = len(bar) - 1
+                tokens.extend(_Token("bar", part, pos, chord_symbol) for part in _BAR_PARTS.get(bar, (bar,)))
+                continue
+        if c == "(" and c1 is not None and c1.isdigit():      # a tuplet: (p, (p:q, (p:q:r
+            j = pos + 2
+            if j > n - 1:
+                raise AbcParseError("music21 could not tokenize the tune: a tuplet at the very end")
+            if s[j] == ":":
+                q = s[j + 1] if j + 1 < n else None
+                j += 1
+                if q is not None and q.isdigit():
+                    j += 1
+                if j > n - 1:
+                    raise AbcParseError("music21 could not tokenize the tune: a tuplet at the very end")
+                if s[j] == ":":
+                    r = s[j + 1] if j + 1 < n else None
+                    j += 1
+                    if r is not None and r.isdigit():
+                        j += 1
+            tokens.append(_Token("tuplet", s[pos:j], pos, chord_symbol))
+            skip = j - (pos + 1)
+            continue
+        if c in "<>":
+            j = pos + 1
+            while j < n - 1 and s[j] in "<>":
+                j += 1
+            tokens.append(_Token("broken", s[pos:j], pos, chord_symbol))
+            skip = j - (pos + 1)
+            continue
+        if c == "!":                                          # !decoration!, within 20 characters
+            j = pos + 1
+            while j < pos + 20 and j < n:
+                if s[j] == "!":
+                    if s[pos:j + 1] in _DYNAMICS:
+                        tokens.append(_Token("other", s[pos:j + 1], pos, chord_symbol))
+                    skip = j - pos
+                    break
+                j += 1
+            continue
+        if c == "(" and c1 is not None:                       # a slur (c1 is not a digit here)
+            tokens.append(_Token("other", c, pos, chord_symbol))
+            continue
+        if c in ")-":
+            tokens.append(_Token("other", c, pos, chord_symbol))
+            continue
+        if c == '"':                                          # a chord symbol or annotation
+            j = pos + 1
+            while j < n - 1 and s[j] != '"':
+                j += 1
+            j += 1
+            chord_symbol += s[pos:j]
+            skip = j - (pos + 1)
+            continue
+        if c == "[":                                          # a chord, with its length after "]"
+            j = pos + 1
+            while j < n - 1 and s[j] != "]":
+                j += 1
+            j += 1
+            while j < n and (s[j].isdigit() or s[j] == "/"):
+                j += 1
+            tokens.append(_Token("chord", chord_symbol + s[pos:j], pos, chord_symbol))
+            chord_symbol = ""
+            skip = j - (pos + 1)
+            continue
+        if c in _SINGLE_MARKS:
+            tokens.append(_Token(_SINGLE_MARKS[c], c, pos, chord_symbol))
+            continue
+        if c.isalpha() or c in "~^=_":                        # a note, rest or stray letter
+            found = c.isalpha() and c not in _DECORATION_OR_ACCIDENTAL
+            j = pos + 1
+            while j <= n - 1:
+                cj = s[j]
+                if not found and cj in _DECORATION_OR_ACCIDENTAL:
+                    j += 1
+                    if j > n - 1:
+                        raise AbcParseError("music21 could not tokenize the tune: a decoration or "
+                                            "accidental at the very end")
+                    continue
+                if not found and cj.isalpha() and cj not in _NOT_A_PITCH:
+                    found = True
+                    j += 1
+                    continue
+                if cj.isdigit() or cj in ",/'":
+                    j = max(j + 1, _LENGTH_RUN.match(s, j).end())
+                    continue
+                break
+            pending, src = chord_symbol, chord_symbol + s[pos:j]
+            chord_symbol = ""
+            skip = j - (pos + 1)
+            if (src in _IGNORED_WORDS
+                    or (src.startswith('"') and (src[-1] in _IGNORED_AFTER_CHORD_SYMBOL or src.endswith("v.")))
+                    or src.startswith(("x", "H", "Z"))
+                    or (len(src) > 1 and src[0] == "=" and src[1].isdigit())):
+                continue                                      # music21 drops these
+            tokens.append(_Token("note", src, pos, pending))
+    return tokens, chord_symbol
+
+
+@functools.lru_cache(maxsize=8192)
+def _note_length(src: str, unit: Fraction | None) -> Fraction:
+    """The length in quarter notes of a note written ``src`` (without a chord symbol), as
+    music21's ``ABCNote.getQuarterLength`` computes it from the digits and slashes in it."""
+    if unit is None:
+        raise AbcParseError("music21 could not tokenize the tune: a note before any L: or M: field")
+    digits = "".join(ch for ch in src if ch.isdigit() or ch == "/")
+    try:
+        if digits == "":
+            return unit
+        if digits in ("/", "//", "///"):
+            return unit / (2 ** len(digits))
+        if digits.startswith("/"):
+            return unit / int(digits.split("/")[1])
+        if digits.endswith("/"):
+            return unit * int(digits.split("/", 1)[0]) / 2
+        if digits.count("/") == 2:
+            return Fraction(1)                                # music21: "unparsable", one quarter
+        if "/" in digits:
+            num, den = digits.split("/")
+            return unit * int(num) / int(den)
+        return unit * int(digits)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise AbcParseError(f"music21 could not read the length of the note {src!r}: {exc}") from None
+
+
+def _strip_chord_symbols(src: str) -> str:
+    if '"' not in src:
+        return src
+    matches = list(_CHORD_SYMBOL.finditer(src))
+    if not matches:
+        raise AbcParseError(f"music21 could not read {src!r}: an unclosed chord symbol")
+    return src[matches[-1].end():]
+
+
+def _is_rest(src: str) -> bool:
+    """music21's rest test for a note inside a chord: its first pitch letter is ``z``."""
+    if len(src) > 1 and src[0] in "uT":
+        src = src[1:]
+    found = _PITCH_LETTER.findall(src.replace("T", ""))
+    return bool(found) and found[0] == "z"
+
+
+def _chord_length(src: str, unit: Fraction | None, broken: Fraction) -> Fraction:
+    """music21's ``ABCChord`` length: the first sounding note inside times the length after ``]``."""
+    body = _strip_chord_symbols(src)
+    close = body.find("]")
+    if close < 0:
+        raise AbcParseError(f"music21 could not read the chord {src!r}: no closing bracket")
+    outer = _note_length(body[close + 1:], Fraction(1)) * broken
+    inner_tokens, _ = _tokenize(body[1:close])
+    inner = Fraction(0)
+    for token in inner_tokens:
+        if token.kind == "note":
+            if _is_rest(_strip_chord_symbols(token.src)):
+                continue
+            length = _note_length(_strip_chord_symbols(token.src), unit)
+        elif token.kind == "chord":                           # music21 gives a nested chord no unit
+            length = _chord_length(token.src, None, Fraction(1))
+        else:
+            continue
+        if not inner:
+            inner = length
+    return outer * inner
+
+
+@functools.lru_cache(maxsize=256)
+def _music21_metre(value: str) -> tuple[Fraction | None, bool]:
+    """``(bar length in quarter notes or None, compound?)`` for an ``M:`` value, read as
+    music21 reads it (``none`` is free metre; ``FREI4/4`` is 4/4)."""
+    if value.lower() == "none":
+        return None, False
+    if value in ("C", "C|"):
+        return Fraction(4), False
+    _music21()
+    from music21 import common, meter
+
+    try:
+        num, den = value.split("/")
+        n = int(common.getNumFromStr(num.strip())[0])
+        d = int(common.getNumFromStr(den.strip())[0])
+        ts = meter.TimeSignature(f"{n}/{d}")
+        return Fraction(ts.barDuration.quarterLength), ts.beatDivisionCount == 3
+    except Exception as exc:
+        raise AbcParseError(f"music21 could not read the metre M:{value}: {type(exc).__name__}: {exc}") from None
+
+
+def _music21_unit(value: str) -> Fraction:
+    """The unit note length of an ``L:`` value in quarter notes, as music21 reads it."""
+    try:
+        if "/" not in value:
+            raise ValueError("no '/'")
+        num, den = value.split("/")
+        return Fraction(int(num.strip()) * 4, 4 if den == "G" else int(den.strip()))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise AbcParseError(f"music21 could not read the unit length L:{value}: {exc}") from None
+
+
+def _field_parts(src: str) -> tuple[str, str]:
+    """``(letter, value)`` of a field token as music21 splits it (a ``%`` comment removed)."""
+    return src[0], src.split("%", 1)[0][2:].strip()
+
+
+def _check_music_field(letter: str, value: str) -> None:
+    """A field inside the music must be a valid metre, unit length or key.
+
+    Raises:
+        AbcParseError: saying what is wrong; such text would otherwise be dropped unheard.
+    """
+    if letter not in ("M", "L", "K"):
+        raise AbcParseError(
+            f"{letter}:{value} in the music is read as a field (a letter and a colon start a field "
+            "that runs to the end of the line), but only M:, L: and K: fields may stand in the "
+            "music: ABC readers, music21 too, drop any other field with the music written in it")
+    try:
+        if letter == "M":
+            parse_metre(value)
+        elif letter == "L":
+            parse_unit(value)
+    except ValueError as exc:
+        raise AbcParseError(f"the field {letter}:{value} in the music is not valid: {exc}") from None
+    if letter == "K" and not _KEY.match(value):
+        raise AbcParseError(
+            f"K:{value} in the music is not a key (write e.g. K:G, K:Dm or K:Ador); music21 would "
+            "take what it can of it as a key and drop the rest of the line, with any music in it")
+
+
+class _ReadState:
+    """Everything the reading of the rest of a tune depends on (see :class:`BarTracker`)."""
+
+    __slots__ = ("unit", "expected", "compound", "tuplet", "grace", "chord_symbol", "header_done",
+                 "length", "n_notes", "left", "n_bars", "prev_right")
+
+    def __init__(self) -> None:
+        self.unit: Fraction | None = None       # the active unit length in quarter notes
+        self.expected: Fraction | None = None   # the metre's bar length in quarter notes (None: free)
+        self.compound = False                   # the metre divides its beats in three (tuplet rule)
+        self.tuplet: tuple | None = None        # (length multiplier, notes still to be counted)
+        self.grace = False                      # inside { } (grace notes take no time)
+        self.chord_symbol = ""                  # a chord symbol waiting for its note
+        self.header_done = False                # the K: field that ends the header has been read
+        self.length = Fraction(0)               # the current bar so far
+        self.n_notes = 0                        # its notes (grace notes not counted)
+        self.left: str | None = None            # the bar line before it
+        self.n_bars = 0                         # bars completed
+        self.prev_right: str | None = None      # the bar line that ended the previous bar
+
+    def key(self) -> tuple:
+        return (self.unit, self.expected, self.compound, self.tuplet, self.grace,
+                bool(self.chord_symbol), self.header_done, self.length, self.n_notes > 0,
+                self.left, self.n_bars > 0, self.prev_right)
+
+    def copy(self) -> "_ReadState":
+        other = _ReadState.__new__(_ReadState)
+        for name in _ReadState.__slots__:
+            setattr(other, name, getattr(self, name))
+        return other
+
+
+def _read(tokens: Sequence[_Token], state: _ReadState, bars_out: list | None = None,
+          notes_out: list | None = None, check_fields: bool = True) -> _ReadState:
+    """Read tokens (from :func:`_tokenize`) into ``state`` (changed in place and returned).
+
+    Completed bars are appended to ``bars_out`` as ``(length, expected, left, right,
+    unit)`` (lengths as fractions); with ``notes_out``, the notes of the current bar are
+    collected there as ``(src, length, pos)`` and handed over with each bar.
+
+    The lengths follow music21's ``ABCHandler.tokenProcess`` (broken rhythms between two
+    adjacent note tokens, tuplets counting notes, grace notes, unit length from ``L:`` or
+    from the first ``M:``). The bars follow :func:`bars`. With ``check_fields`` (as
+    :func:`bars` reads), a field after the header must be a valid ``M:``, ``L:`` or ``K:``.
+    """
+    broken: dict[int, Fraction] = {}
+    for i in range(1, len(tokens) - 1):
+        if tokens[i].kind == "broken" and tokens[i - 1].kind in ("note", "chord") \
+                and tokens[i + 1].kind in ("note", "chord"):
+            left_factor, right_factor = _BROKEN.get(tokens[i].src, (Fraction(1), Fraction(1)))
+            broken[i - 1] = left_factor
+            broken[i + 1] = right_factor
+    st = state
+    for i, token in enumerate(tokens):
+        kind = token.kind
+        if kind == "chord":
+            match = _INLINE_FIELD.match(_strip_chord_symbols(token.src)) if check_fields else None
+            if match:                                         # [M:3/4], [L:1/16], [K:D]
+                letter, value = match.group(1), match.group(2).strip()
+                _check_music_field(letter, value)
+                if letter == "M":
+                    st.expected = parse_metre(value) * 4 if parse_metre(value) is not None else None
+                elif letter == "L":
+                    st.unit = parse_unit(value) * 4
+                continue
+        if kind == "meta":
+            letter, value = _field_parts(token.src)
+            if st.header_done and check_fields:
+                _check_music_field(letter, value)
+            if letter == "M":
+                st.expected, st.compound = _music21_metre(value)
+                if st.unit is None:
+                    free_or_long = st.expected is None or st.expected >= 3
+                    st.unit = Fraction(1, 2) if free_or_long else Fraction(1, 4)
+            elif letter == "L":
+                st.unit = _music21_unit(value)
+            elif letter == "K":
+                st.header_done = True
+            continue
+        if kind == "tuplet":
+            parts = token.src.split(":")
+            p = int(parts[0][1:])
+            if p not in _TUPLET_NORMAL:
+                raise AbcParseError(f"music21 cannot read the tuplet {token.src!r}")
+            q = int(parts[1]) if len(parts) >= 2 and parts[1] != "" else \
+                (_TUPLET_NORMAL[p] or (3 if st.compound else 2))
+            r = int(parts[2]) if len(parts) >= 3 and parts[2] != "" else p
+            if q == 0:
+                raise AbcParseError(f"music21 cannot read the tuplet {token.src!r}")
+            st.tuplet = (Fraction(q, p), r)
+            continue
+        if kind == "grace_start":
+            st.grace = True
+            continue
+        if kind == "grace_stop":
+            st.grace = False
+            continue
+        if kind in ("note", "chord"):
+            factor = broken.get(i)
+            if kind == "note":
+                length = _note_length(_strip_chord_symbols(token.src), st.unit)
+                if factor is not None:
+                    length = length * factor
+            else:
+                length = _chord_length(token.src, st.unit, Fraction(1) if factor is None else factor)
+            if st.tuplet is not None:
+                multiplier, remaining = st.tuplet
+                if remaining == 0:
+                    st.tuplet = None
+                else:
+                    st.tuplet = (multiplier, remaining - 1)
+                    length = length * multiplier
+            if st.grace:
+                continue
+            st.length += length
+            st.n_notes += 1
+            if notes_out is not None:
+                notes_out.append((token.src, length, token.pos))
+            continue
+        if kind == "bar":
+            if st.n_notes == 0:
+                st.left = token.src                           # bar lines between bars
+                continue
+            right = token.src
+            if right == _LINE_BREAK:
+                if st.expected is not None and st.length < st.expected:
+                    continue                                  # the bar goes on after the break
+                right = "|"
+            if bars_out is not None:
+                bars_out.append((st.length, st.expected, "|" if st.left == _LINE_BREAK else st.left,
+                                 right, st.unit, tuple(notes_out) if notes_out is not None else (),
+                                 token.pos))
+                if notes_out is not None:
+                    notes_out.clear()
+            st.n_bars += 1
+            st.prev_right = right
+            st.left = right
+            st.length, st.n_notes = Fraction(0), 0
+    return st
+
+
+def parse_metre(value: str) -> Fraction | None:
+    """The bar length that an ``M:`` value asks for, in whole notes (``None``: free metre).
+
+    Accepts ``p/q`` with ``p`` an integer >= 1 and ``q`` a power of two (1 to 64), ``C``
+    (common time, 4/4), ``C|`` (cut time, 2/2) and ``none`` (free metre, no bars to check).
+
+    Raises:
+        ValueError: naming what is wrong, e.g. for ``7/0`` or ``abc``.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"a metre is text such as '6/8', 'C' or 'none', got {value!r}")
+    text = value.strip()
+    if text == "none":
+        return None
+    if text == "C":
+        return Fraction(1)
+    if text == "C|":
+        return Fraction(1)
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match:
+        raise ValueError(f"M:{value} is not a metre: write p/q such as 3/4 or 6/8, C, C| or none")
+    num, den = int(match.group(1)), int(match.group(2))
+    if num < 1:
+        raise ValueError(f"M:{value} has no beats: the upper number must be at least 1")
+    if den not in (1, 2, 4, 8, 16, 32, 64):
+        raise ValueError(f"M:{value}: the lower number of a metre is a note value, a power of two "
+                         f"from 1 to 64 (4 for quarter notes, 8 for eighths), got {den}")
+    return Fraction(num, den)
+
+
+def parse_unit(value: str) -> Fraction:
+    """The unit note length of an ``L:`` value, in whole notes: ``1/q`` with ``q`` a power
+    of two from 1 to 64 (``L:1/8`` gives 1/8).
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if not isinstance(value, str) or not _UNIT.match(value.strip()):
+        raise ValueError(f"L:{value} is not a unit note length: write 1/q with q a power of two "
+                         "from 1 to 64, such as 1/8 or 1/16")
+    return Fraction(1, int(value.strip()[2:]))
+
+
+def _mark_line_breaks(abc: str) -> tuple[str, list[int]]:
     """Put a marker at the end of every line of music that has no bar line there (and does
-    not continue with a backslash), so that the tokenizer reports where lines break."""
-    out = []
+    not continue with a backslash), so that the tokenizer reports where lines break.
+
+    Returns the marked text and, for each of its characters, the offset in ``abc`` of the
+    character it came from (that of the line's end for an inserted marker).
+    """
+    out: list[str] = []
+    origin: list[int] = []
+    offset = 0
     for line in abc.split("\n"):
         body = line.rstrip()
+        origin.extend(range(offset, offset + len(body)))
         if body and not _FIELD.match(body) and not body.endswith("\\") and not _BAR_AT_END.search(body):
             body += " " + _LINE_BREAK
+            origin.extend([offset + len(line)] * 3)
         out.append(body)
-    return "\n".join(out)
+        offset += len(line) + 1
+        origin.append(offset - 1)                             # the newline
+    return "\n".join(out), origin[:-1]
 
 
 def bars(abc: str) -> list[Bar]:
-    """The bars of a tune with their lengths, from music21's ABC tokenizer.
+    """The bars of a tune with their lengths, read as music21's ABC tokenizer reads the text.
 
     Bars end at the bar lines as written. A line break without a bar line (common in the
     Essen encodings, where each line is a phrase) ends a bar only if the bar is complete
     there; otherwise the bar continues on the next line, as phrases often start with an
-    upbeat in the middle of a bar. Bars without notes (e.g. the header) are left out.
+    upbeat in the middle of a bar. Bars without notes (e.g. the header) are left out; a bar
+    that the text ends without a bar line is the last one. A metre or unit length changed
+    in the music (an ``M:`` or ``L:`` line, or ``[M:3/4]``) applies from where it is written.
+
+    The note lengths and bar lines are those of music21's tokenizer (its rules are
+    re-implemented here, about ten times faster; tests/test_tunes.py checks them against
+    music21), including what it ignores: for example a note marked with ``H`` (fermata) or
+    an invisible rest ``x`` takes no time. An inline field (``[L:1/16]``) is read as a
+    field; music21 reads it as an empty chord and ignores it.
 
     Raises:
-        AbcParseError: when music21's tokenizer rejects the text.
+        AbcParseError: when music21's tokenizer would reject the text, or when a field
+            inside the music (after the header's ``K:``) is not a valid ``M:``, ``L:`` or
+            ``K:`` field (ABC readers take a letter and a colon as a field that runs to the
+            end of the line, and drop any other field with the music written in it).
     """
-    _music21()
-    from music21 import abcFormat
-
-    text = _mark_line_breaks(abc)
-    text = text if text.lstrip().startswith("X:") else "X:1\n" + text
-    try:
-        with _quiet_and_limited(None):
-            handler = abcFormat.ABCHandler()
-            handler.process(text)
-            pieces = handler.splitByMeasure()
-    except Exception as exc:
-        raise AbcParseError(f"music21 could not tokenize the tune: {type(exc).__name__}: {exc}") from exc
-    result: list[Bar] = []
-    expected: float | None = None
-    length, n_notes, left = 0.0, 0, None
-    for piece in pieces:
-        for token in piece.tokens:
-            if isinstance(token, abcFormat.ABCMetadata) and token.isMeter():
-                ts = token.getTimeSignatureObject()
-                expected = float(ts.barDuration.quarterLength) if ts is not None else None
-            elif isinstance(token, abcFormat.ABCNote) and not token.inGrace:
-                ql = float(token.quarterLength)
-                if token.activeTuplet is not None:
-                    ql *= float(token.activeTuplet.tupletMultiplier())
-                length += ql
-                n_notes += 1
-        if n_notes == 0:
-            left = piece.rightBarToken.src.strip() if piece.rightBarToken is not None else left
-            continue
-        if n_notes and left is None and piece.leftBarToken is not None and not result:
-            left = piece.leftBarToken.src.strip()
-        right = piece.rightBarToken.src.strip() if piece.rightBarToken is not None else None
-        if right == _LINE_BREAK:
-            if expected is not None and length < expected - 1e-9:
-                continue                                     # the bar goes on after the break
-            right = "|"
-        result.append(Bar(length, expected, left if left != _LINE_BREAK else "|", right))
-        length, n_notes, left = 0.0, 0, right
+    marked, origin = _mark_line_breaks(abc)
+    prefix = "" if marked.lstrip().startswith("X:") else "X:1\n"
+    tokens, _ = _tokenize(prefix + marked)
+    shift = len(prefix)
+    raw: list = []
+    notes: list = []
+    state = _read(tokens, _ReadState(), raw, notes)
+    if state.n_notes:                                        # the text ends inside a bar
+        raw.append((state.length, state.expected, "|" if state.left == _LINE_BREAK else state.left,
+                    None, state.unit, tuple(notes), len(prefix) + len(marked)))
+    result = []
+    for length, expected, left, right, unit, bar_notes, _ in raw:
+        first = bar_notes[0][2] - shift if bar_notes else -1
+        last = bar_notes[-1][2] - shift if bar_notes else -1
+        end = origin[last] + len(_strip_chord_symbols(bar_notes[-1][0])) if bar_notes else -1
+        result.append(Bar(float(length), None if expected is None else float(expected), left, right,
+                          notes=tuple(_strip_chord_symbols(src) for src, _, _ in bar_notes),
+                          durations=tuple(float(d) for _, d, _ in bar_notes),
+                          unit=None if unit is None else float(unit),
+                          start=origin[first] if bar_notes else -1, end=end))
     return result
 
 
 def count_bad_bars(tune_bars: Sequence[Bar]) -> int:
-    """The number of bars whose length does not fit the metre.
+    """The number of bars whose length does not fit the metre (see :func:`bar_verdicts`)."""
+    return sum(v in ("too long", "too short") for v in bar_verdicts(tune_bars))
+
+
+def bar_verdicts(tune_bars: Sequence[Bar]) -> list[str]:
+    """Judge each bar: ``"fits"``, ``"free"`` (free metre), ``"short, allowed"``,
+    ``"too long"`` or ``"too short"``.
 
     A bar fits when it is exactly as long as its metre says. Two kinds of short bar are
     allowed, as in real tunes: an upbeat (anacrusis) at the start of the tune or of a
-    section, and the short bar that ends the tune or a section (before a repeat sign or a
-    double bar line) and makes up for that upbeat. A bar that is too long never fits,
-    nor does a short bar in the middle of a section. Bars in free metre always fit.
+    section, and the short bar that ends the tune or a section and makes up for that
+    upbeat. A section starts and ends at any bar line but the plain ``|`` (so at ``||``,
+    ``|]``, ``|:``, ``:|``, ``::`` and at the endings ``[1``, ``[2``). A bar that is too
+    long never fits, nor does a short bar in the middle of a section.
     """
-    n_bad = 0
+    verdicts = []
     for i, bar in enumerate(tune_bars):
-        if bar.expected is None or math.isclose(bar.length, bar.expected, abs_tol=1e-6):
-            continue
-        if bar.length > bar.expected:
-            n_bad += 1
-            continue
-        first, last = i == 0, i == len(tune_bars) - 1
-        ends_section = bar.right not in _PLAIN_BARS
-        starts_section = bar.left not in _PLAIN_BARS or (i > 0 and tune_bars[i - 1].right not in _PLAIN_BARS)
-        if not (first or last or ends_section or starts_section):
-            n_bad += 1
-    return n_bad
+        if bar.expected is None:
+            verdicts.append("free")
+        elif math.isclose(bar.length, bar.expected, abs_tol=1e-6):
+            verdicts.append("fits")
+        elif bar.length > bar.expected:
+            verdicts.append("too long")
+        else:
+            first, last = i == 0, i == len(tune_bars) - 1
+            ends_section = bar.right not in _PLAIN_BARS
+            starts_section = bar.left not in _PLAIN_BARS or (i > 0 and tune_bars[i - 1].right not in _PLAIN_BARS)
+            allowed = first or last or ends_section or starts_section
+            verdicts.append("short, allowed" if allowed else "too short")
+    return verdicts
 
 
 def check_tune(abc: str, time_limit: float | None = 3.0) -> BarCheck:
     """Does a tune parse, and do its bars fit its metre?
 
     ``parsed``: music21 builds a score with notes from the text within ``time_limit``
-    seconds (:func:`parse_abc`).
+    seconds (:func:`parse_abc`), and every field in the music is a valid ``M:``, ``L:``
+    or ``K:`` field (any other text after a letter and a colon would be dropped unheard).
     The bars are then measured as written (:func:`bars`) and judged by
     :func:`count_bad_bars`. (music21's own measures are not used for this: its ABC import
     silently splits an over-long bar into a full one plus a bar with a new time signature.)
@@ -468,6 +981,420 @@ def check_tune(abc: str, time_limit: float | None = 3.0) -> BarCheck:
         return BarCheck(False, 0, 0, error=str(exc))
     free = bool(tune_bars) and all(b.expected is None for b in tune_bars)
     return BarCheck(True, len(tune_bars), count_bad_bars(tune_bars), free=free)
+
+
+# ------------------------------------------------------------------------ where bars go wrong
+
+_BROKEN_FACTORS = frozenset(f for pair in _BROKEN.values() for f in pair)
+_WRITTEN_LENGTH = re.compile(r"[\d/]*$")
+
+
+def _unit_text(unit: float | None) -> str | None:
+    if unit is None:
+        return None
+    fraction = Fraction(unit).limit_denominator(1 << 12) / 4     # quarter notes -> whole notes
+    return f"{fraction.numerator}/{fraction.denominator}"
+
+
+def bar_table(tunes: Sequence[str], skip_unreadable: bool = True) -> list[dict]:
+    """One row per bar of every tune, for tabulating where bar errors happen.
+
+    Each row (a dict) holds:
+
+    * ``tune``: the tune's index in ``tunes``; ``bar``: the bar's index in the tune;
+      ``n_bars``; ``position``: ``bar / (n_bars - 1)``, from 0 (first) to 1 (last);
+    * ``line``: the line of the tune text where the bar starts (0 = the first line),
+      ``music_line``: the same counted from the first line of music, ``crosses_line``:
+      whether the bar goes on over a line break, ``char``: the offset of its first note;
+    * ``metre`` (the header's ``M:``), ``unit`` (the ``L:`` in force, e.g. ``"1/8"``);
+    * ``expected`` and ``length``: the metre's bar length and the bar's, in units of L
+      (``expected`` is None in free metre), ``excess = length - expected``;
+    * ``verdict`` (from :func:`bar_verdicts`) and ``bad`` (``"too long"`` or ``"too short"``);
+    * ``notes``: the notes, rests and chords as written; ``durations``: their lengths in
+      units of L; ``written``: the length as written after each (``""``, ``"2"``, ``"/"``,
+      ``"3/2"``); ``rhythm``: for each, ``""``, ``"broken"`` (changed by ``>``/``<``) or
+      ``"tuplet"``; ``has_broken``, ``has_tuplet``, ``has_chord``.
+
+    A tune that :func:`bars` cannot read gives no rows (or raises, with
+    ``skip_unreadable=False``).
+    """
+    rows: list[dict] = []
+    for index, tune in enumerate(tunes):
+        try:
+            tune_bars = bars(tune)
+        except AbcParseError:
+            if skip_unreadable:
+                continue
+            raise
+        verdicts = bar_verdicts(tune_bars)
+        fields, body = split_header(tune)
+        first_music_line = tune[:len(tune) - len(body)].count("\n")
+        n = len(tune_bars)
+        for i, (bar, verdict) in enumerate(zip(tune_bars, verdicts)):
+            unit = bar.unit or 1.0
+            written = tuple(_WRITTEN_LENGTH.search(note).group() for note in bar.notes)
+            rhythm = []
+            for note, duration in zip(bar.notes, bar.durations):
+                try:
+                    if note.startswith("["):
+                        nominal = _chord_length(note, Fraction(unit).limit_denominator(1 << 12), Fraction(1))
+                    else:
+                        nominal = _note_length(note, Fraction(unit).limit_denominator(1 << 12))
+                    ratio = Fraction(duration).limit_denominator(1 << 12) / nominal if nominal else Fraction(1)
+                except (AbcParseError, ZeroDivisionError):
+                    ratio = Fraction(1)
+                rhythm.append("" if ratio == 1 else "broken" if ratio in _BROKEN_FACTORS else "tuplet")
+            line = tune.count("\n", 0, max(bar.start, 0))
+            rows.append({
+                "tune": index, "bar": i, "n_bars": n, "position": i / (n - 1) if n > 1 else 0.0,
+                "line": line, "music_line": line - first_music_line,
+                "crosses_line": "\n" in tune[max(bar.start, 0):max(bar.end, 0)], "char": bar.start,
+                "metre": fields.get("M"), "unit": _unit_text(bar.unit),
+                "expected": None if bar.expected is None else bar.expected / unit,
+                "length": bar.length / unit,
+                "excess": None if bar.expected is None else (bar.length - bar.expected) / unit,
+                "verdict": verdict, "bad": verdict in ("too long", "too short"),
+                "notes": bar.notes, "durations": tuple(d / unit for d in bar.durations),
+                "written": written, "rhythm": tuple(rhythm),
+                "has_broken": "broken" in rhythm, "has_tuplet": "tuplet" in rhythm,
+                "has_chord": any(note.startswith("[") for note in bar.notes),
+            })
+    return rows
+
+
+def bar_error_rates(rows: Sequence[dict], by) -> list[dict]:
+    """How often bars go wrong, grouped: one dict per group with ``key``, ``bars`` (how
+    many), ``bad``, ``rate`` (``bad / bars``), ``too_long`` and ``too_short``.
+
+    ``by`` is a field of :func:`bar_table`'s rows (``"unit"``) or a function of a row that
+    returns its key (``lambda r: round(r["position"], 1)``) or a list, tuple or set of keys;
+    a bar then counts once under each of them (``lambda r: set(r["written"])``: the bars
+    that contain a note written with each length). Groups are sorted by key (None last).
+    """
+    if isinstance(by, str):
+        field_name = by
+        if rows and field_name not in rows[0]:
+            raise KeyError(f"no field {field_name!r} in the rows; choose from {sorted(rows[0])}")
+        by = lambda row: row[field_name]                      # noqa: E731
+    groups: dict = {}
+    for row in rows:
+        keys = by(row)
+        for key in (keys if isinstance(keys, (list, tuple, set, frozenset)) else (keys,)):
+            g = groups.setdefault(key, [0, 0, 0, 0])
+            g[0] += 1
+            g[1] += row["bad"]
+            g[2] += row["verdict"] == "too long"
+            g[3] += row["verdict"] == "too short"
+    order = sorted(groups, key=lambda k: (k is None, str(type(k)), k if k is not None else 0))
+    return [{"key": k, "bars": groups[k][0], "bad": groups[k][1], "rate": groups[k][1] / groups[k][0],
+             "too_long": groups[k][2], "too_short": groups[k][3]} for k in order]
+
+
+# ------------------------------------------------------------------------ following a tune as it is written
+
+_NORMALIZE = str.maketrans("ABDEFGabdefg", "CCCCCCcccccc")   # pitch letters that read alike
+_NOTE_CHARS = frozenset("^_=ABCDEFGabcdefg,'0123456789/ ")    # what may stand inside [ ] or { }
+_CLOSERS = {'"': '"', "[": "]", "{": "}"}
+_LONGEST = {'"': 24, "[": 16, "{": 16}   # the longest "...", [...], {...} written (corpus: 19, 12, 10)
+_FIELD_START = re.compile(r"^([A-Za-z]):")
+_KEY_PREFIX = re.compile(r"^(?:|n|no|non|none|HP?|Hp|[A-Ha-h][#b]?[A-Za-z]*)$")
+_METRE_PREFIX = re.compile(r"^(?:|[1-9]\d?|[1-9]\d?/|[1-9]\d?/(?:1|2|4|8|16|32|64|3|6)|C\|?|n|no|non|none)$")
+_UNIT_PREFIX = re.compile(r"^(?:|1|1/|1/(?:1|2|4|8|16|32|64|3|6))$")
+
+
+def _field_prefix_ok(letter: str, value: str, complete: bool) -> bool:
+    """Can ``value`` (typed so far) still become a valid ``M:``, ``L:`` or ``K:`` value?
+    With ``complete``, is it one already?"""
+    value = value.lstrip()
+    if complete:
+        try:
+            if letter == "M":
+                parse_metre(value)
+            elif letter == "L":
+                parse_unit(value)
+            else:
+                return bool(_KEY.match(value))
+            return True
+        except ValueError:
+            return False
+    pattern = {"M": _METRE_PREFIX, "L": _UNIT_PREFIX, "K": _KEY_PREFIX}[letter]
+    return bool(pattern.match(value))
+
+
+def _needs_marker(line: str) -> bool:
+    """Does a line of music end without a bar line (see :func:`_mark_line_breaks`)?"""
+    body = line.rstrip()
+    return bool(body) and not _FIELD.match(body) and not body.endswith("\\") \
+        and not _BAR_AT_END.search(body)
+
+
+class BarTracker:
+    """Follows a tune while it is written and says which continuations keep its bars in time.
+
+    The tune is read exactly as :func:`bars` reads it (music21's rules). After the text
+    written so far, :meth:`allows` says whether a piece of text (a character or a token of
+    any length) may come next: it may if, with it, the text read *as it stands* has
+
+    * no bar longer than its metre (the current, unfinished bar included), and
+    * no finished bar shorter than its metre, except where :func:`bar_verdicts` allows a
+      short bar: the first bar (an upbeat), and a bar that starts or ends a section. A
+      plain ``|`` that would end a short bar is allowed when one more ``|``, ``]`` or ``:``
+      turns it into a section bar line (``||``, ``|]``, ``|:``); only those may follow it.
+
+    What can be decided at each step. "As it stands" is exact for a token that holds a
+    whole note with its length (a :class:`~genart_utils.text.MusicVocab` note): the bar
+    arithmetic of that choice is known when it is made. A character model writes a note over
+    several steps (``A``, then ``3``, then ``/``, then ``2``), and only the text so far can be
+    judged: ``A3`` is refused when fewer than three units are left in the bar, although
+    ``A3/2`` would fit, so that spelling of a dotted note is then unavailable (the broken
+    rhythm ``A>B`` is not). Judging the text as it stands guarantees that no prefix of what is
+    written has a bar too long, even where sampling stops in the middle of a note. Two things
+    are only settled by later text, in either tokenisation: a broken rhythm ``A>B`` lengthens
+    ``A`` when ``B`` is written (so ``B`` is refused if ``A`` would then overflow), and a
+    tuplet sign ``(3`` shortens the notes after it. Two characters are judged by what must
+    follow them: an accidental at the very end counts as its shortest note (``^`` as ``^C``:
+    one unit, as music21 reads a lone ``^``) and must be followed by its pitch; a ``[`` at
+    the very end counts for nothing until the next character makes it a chord or a bar line.
+
+    To keep that reading exact, a few things are refused outright (they are rare in the
+    corpus, and each would let later text change how earlier text reads): ``!decorations!``
+    (music21 looks up to 20 characters ahead for the closing ``!``), ``%`` comments, an
+    upper-case letter and a colon in the middle of a line unless a ``|`` follows (music21
+    reads the rest of the line as a field), fields other than valid ``M:``, ``L:`` and
+    ``K:`` lines, fields in the middle of a bar, inline fields such as ``[M:3/4]``, a line
+    break inside ``"..."``, ``[...]`` or ``{...}``, anything but notes inside ``[...]`` and
+    ``{...}``, constructs longer than the corpus's (24, 16 and 16 characters), and
+    non-ASCII text. Text cut inside an open ``"...`` or ``[...`` is unreadable, not out of
+    time.
+
+    Args:
+        prompt: the start of the tune, normally its header ``M:...\\nL:...\\nK:...\\n``.
+
+    Raises:
+        ValueError: when the prompt has no ``M:`` field (without ``L:``, ABC's default unit
+            length for the metre applies), an ``M:`` or ``L:`` value that is not valid
+            (``M:7/0``, ``L:1/3``, ``M:abc``), text music21 cannot read, or bars that
+            already do not fit.
+    """
+
+    def __init__(self, prompt: str = ""):
+        if not isinstance(prompt, str):
+            raise TypeError(f"the prompt is the text of the tune so far, got {type(prompt).__name__}")
+        fields: dict[str, str] = {}
+        for line in prompt.split("\n"):
+            match = _FIELD.match(line.strip())
+            if match and match.group(1) in "ML":
+                fields.setdefault(match.group(1), match.group(2).split("%", 1)[0].strip())
+        if "M" not in fields:
+            raise ValueError(
+                "the prompt has no M: field: the constraint needs the metre to know how long a bar "
+                "is; start the prompt with a header such as 'M:6/8\\nL:1/8\\nK:G\\n'")
+        metre = parse_metre(fields["M"])                    # ValueError naming what is wrong
+        if "L" in fields:
+            parse_unit(fields["L"])
+        self.metre = fields["M"]
+        self.unit = fields.get("L") or default_unit(fields["M"])   # the ABC default without L:
+        self.free = metre is None
+        self.text = ""
+        self._state = _ReadState()
+        self._window = ""        # the text since the last settled token, line breaks marked
+        self._line = ""          # the current line as written
+        try:
+            self._extend(prompt)
+        except AbcParseError as exc:
+            raise ValueError(f"the prompt cannot be read as ABC: {exc}") from None
+        verdict = self._evaluate(self._window, self._line)
+        if verdict != "ok":
+            raise ValueError(f"the prompt cannot be continued in time ({verdict}): the constraint keeps "
+                             "bars in time from where it starts, so give it a prompt whose bars fit "
+                             "(a header such as 'M:6/8\nL:1/8\nK:G\n' always does)")
+
+    # -- writing
+    def append(self, piece: str) -> None:
+        """Add text that was written (whether or not :meth:`allows` allowed it)."""
+        try:
+            self._extend(piece)
+        except AbcParseError as exc:
+            raise ValueError(f"the text cannot be read as ABC: {exc}") from None
+
+    def _extend(self, piece: str) -> None:
+        self._window, self._line = self._append_to(self._window, self._line, piece)
+        self.text += piece
+        self._settle()
+
+    @staticmethod
+    def _append_to(window: str, line: str, piece: str) -> tuple[str, str]:
+        for part in piece.split("\n")[:-1]:
+            line += part
+            window += part + (" " + _LINE_BREAK if _needs_marker(line) else "") + "\n"
+            line = ""
+        last = piece.rsplit("\n", 1)[-1]
+        return window + last, line + last
+
+    def _settle(self) -> None:
+        """Read the tokens that no later text can change into the state; keep the rest."""
+        try:
+            tokens, _ = _tokenize(self._window, self._state.chord_symbol)
+        except AbcParseError:
+            return                                            # e.g. a tuplet sign at the very end
+        # Keep the last token if it is a note, chord or bar line (it may still grow: "A" -> "A2",
+        # "|" -> "|:"), else from the last note, chord or bar line before it (a note before a
+        # broken-rhythm sign ">" changes length with the note after it).
+        marks = [i for i, t in enumerate(tokens) if t.kind in ("note", "chord", "bar")]
+        if not marks:
+            return
+        k = marks[-1]
+        while k >= 2 and tokens[k - 1].kind == "broken":     # "A > B": the marker changes both
+            k -= 2
+        while k >= 1 and tokens[k - 1].pos == tokens[k].pos:  # "::" is read as ":|" and "|:"
+            k -= 1
+        if k <= 0:
+            return
+        self._state = _read(tokens[:k], self._state.copy())
+        self._state.chord_symbol = tokens[k].pending
+        self._window = self._window[tokens[k].pos:]
+
+    # -- judging
+    def key(self) -> tuple:
+        """A hashable summary: two trackers with equal keys allow exactly the same pieces."""
+        line = self._line
+        in_window = self._window.rsplit("\n", 1)[-1]         # the part of the line in the window
+        before = line[:len(line) - len(in_window)] if len(in_window) <= len(line) else ""
+        return (self._state.key(), self._window.translate(_NORMALIZE),
+                line[:2].translate(_NORMALIZE) if _FIELD_START.match(line) else None,
+                line.translate(_NORMALIZE) if len(line) <= 1 else None,
+                bool(before.strip()), self._open_constructs(line))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def _open_constructs(line: str) -> tuple[str | None, bool, int]:
+        """``(open, dangling, length)``: the construct open at the end of ``line`` (``'"'``,
+        ``"["``, ``"{"`` or ``None``), whether the line ends with a ``[`` that the next
+        character turns into a chord or a bar line, and how many characters the open
+        construct has so far."""
+        opened, start = None, 0
+        n = len(line)
+        for i, c in enumerate(line):
+            if opened is not None:
+                if c == _CLOSERS[opened]:
+                    opened = None
+            elif c in '"{':
+                opened, start = c, i
+            elif c == "[":
+                if i + 1 == n:
+                    return None, True, 0
+                if line[i + 1] not in "|12":
+                    opened, start = c, i
+        return opened, False, (n - start if opened else 0)
+
+    def allows(self, piece: str | None) -> bool:
+        """May ``piece`` come next? (See the class description for the rules.)"""
+        if piece is None or piece == "" or not piece.isascii() or "!" in piece or "%" in piece:
+            return False
+        if not self._grammar_allows(piece):
+            return False
+        window, line = self._append_to(self._window, self._line, piece)
+        verdict = self._evaluate(window, line)
+        if verdict == "short bar" and window.endswith("|"):
+            return any(self._evaluate(window + extra, line + extra) == "ok" for extra in "|]:")
+        return verdict == "ok"
+
+    def _grammar_allows(self, piece: str) -> bool:
+        """The refusals that do not depend on bar lengths (see the class description)."""
+        line = self._line
+        bar_empty = None
+        for i, c in enumerate(piece):
+            opened, dangling, size = self._open_constructs(line)
+            field = _FIELD_START.match(line)
+            after_accidental = opened != '"' and not field and line.endswith(("^", "_", "="))
+            if after_accidental:                              # a pitch must follow (or ^^, __)
+                if not (c in "ABCDEFGabcdefg" or (c in "^_" and line[-1] == c and line[-2:-1] != c
+                                                  and not (opened and size >= _LONGEST[opened]))):
+                    return False
+            elif opened and size >= _LONGEST[opened]:         # long enough: only its end may come
+                if c != _CLOSERS[opened]:
+                    return False
+            elif field and line[0] in "MLK":                  # inside a field line
+                value = line[2:]
+                if c == "\n":
+                    if not _field_prefix_ok(field.group(1), value, complete=True):
+                        return False
+                elif not _field_prefix_ok(field.group(1), value + c, complete=False):
+                    return False
+            elif c == ":" and line in ("M", "L", "K"):       # a field starts here
+                if bar_empty is None:                         # only between bars
+                    bar_empty = self._bar_is_empty()
+                if not bar_empty:
+                    return False
+            elif opened == '"':
+                if c == "\n":
+                    return False
+            elif opened in ("[", "{"):
+                if c != _CLOSERS[opened] and c not in _NOTE_CHARS:
+                    return False
+            elif dangling and c not in _NOTE_CHARS and c not in "|]":
+                return False
+            elif c == ":" and line and (line[-1] == "w" or (line[-1].isalpha() and line[-1].isupper())) \
+                    and piece[i + 1:i + 2] != "|":
+                return False                                  # music21 would read a field from here
+            line = "" if c == "\n" else line + c
+        return True
+
+    def _bar_is_empty(self) -> bool:
+        """Has the current bar no notes yet (so that a field may be written here)?"""
+        state = self._read_through(self._window, self._line)
+        return state is not None and state.n_notes == 0
+
+    def _read_through(self, window: str, line: str) -> _ReadState | None:
+        """The state after reading ``window`` as it stands (None if it cannot be read)."""
+        text = self._as_it_stands(window, line)
+        try:
+            tokens, _ = _tokenize(text, self._state.chord_symbol)
+            return _read(tokens, self._state.copy())
+        except AbcParseError:
+            return None
+
+    def _as_it_stands(self, window: str, line: str) -> str:
+        """The window completed as the text would read if it ended here."""
+        if _FIELD_START.match(line) and line[0] in "MLK":     # a field still being written
+            return window[:len(window) - len(line)]
+        opened, dangling, _ = self._open_constructs(line)
+        text = window
+        if dangling:
+            text = text[:-1]                                  # "[": chord or bar line, not yet known
+        elif opened != '"' and text.endswith(("^", "_", "=")):
+            text += "C"                                       # an accidental: judge its shortest note
+        if opened == '"':
+            text += '"'
+        elif opened == "[":
+            text += "]"
+        if _needs_marker(line):
+            text += " " + _LINE_BREAK
+        return text
+
+    def _evaluate(self, window: str, line: str) -> str:
+        """``"ok"``, ``"too long"``, ``"short bar"`` or ``"unreadable"`` for ``window``."""
+        text = self._as_it_stands(window, line)
+        try:
+            tokens, _ = _tokenize(text, self._state.chord_symbol)
+            completed: list = []
+            state = _read(tokens, self._state.copy(), completed)
+        except AbcParseError:
+            return "unreadable"
+        verdict = "ok"
+        n_before, prev_right = self._state.n_bars, self._state.prev_right
+        for length, expected, left, right, *_ in completed:
+            if expected is not None and length > expected:
+                return "too long"
+            if expected is not None and length < expected:
+                first = n_before == 0
+                starts = left not in _PLAIN_BARS or (n_before > 0 and prev_right not in _PLAIN_BARS)
+                if not (first or starts or right not in _PLAIN_BARS):
+                    verdict = "short bar"
+            n_before, prev_right = n_before + 1, right
+        if state.expected is not None and state.length > state.expected:
+            return "too long"
+        return verdict
 
 
 # ------------------------------------------------------------------------ notes

@@ -13,6 +13,11 @@ The filters are pure functions on logits of shape ``(..., |𝒱|)`` (one entry p
 the vocabulary 𝒱): they return new logits in which the excluded tokens are ``-inf``, so
 they compose (temperature, then top-k, then top-p) and a softmax of the result is the
 distribution actually sampled from.
+
+A **constraint** removes tokens before the filters: :class:`MetreConstraint` follows folk
+tunes as they are written and masks every token that would make a bar longer than its
+metre (or end a bar before it is full); :func:`generate` samples under it and records how
+much probability the mask removed at each step.
 """
 
 from __future__ import annotations
@@ -141,17 +146,23 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one token per row: ``(..., |𝒱|) -> (...)`` int64.
 
     ``temperature = 0`` returns :func:`greedy` (no randomness); otherwise the token is drawn
-    from ``softmax(filter_logits(...))`` with ``generator``.
+    from ``softmax(filter_logits(...))`` with ``generator``. ``allowed`` (bool, the shape
+    of ``logits``; e.g. from :class:`MetreConstraint`) first removes the tokens it marks
+    False (:func:`mask_logits`), so temperature, top-k and top-p act on the renormalised
+    distribution; ``allowed=None`` leaves the computation exactly as without it.
     """
     temperature = check_temperature(temperature)
     if top_k is not None:
         check_top_k(top_k)
     if top_p is not None:
         check_top_p(top_p)
+    if allowed is not None:
+        logits = mask_logits(logits, allowed)
     if temperature == 0:
         return greedy(logits)
     filtered = filter_logits(logits.float(), temperature, top_k, top_p)
@@ -159,6 +170,241 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     flat = probs.reshape(-1, probs.shape[-1])
     draws = torch.multinomial(flat.cpu(), 1, generator=generator).to(logits.device)
     return draws.reshape(probs.shape[:-1])
+
+
+# ------------------------------------------------------------------------ constraints
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    r"""Logits with every token outside ``allowed`` set to ``-inf``: ``(..., |𝒱|)``.
+
+    A softmax of the result is the model's distribution renormalised over the allowed
+    set, :math:`q(w) = p(w)\,[w \in A] / \sum_{v \in A} p(v)`. Allowed logits are
+    returned unchanged (bit for bit), so an all-true mask changes nothing.
+
+    Raises:
+        ValueError: when the shapes differ, the mask is not boolean, or a row allows no token.
+    """
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+        raise ValueError("allowed must be a boolean tensor (True = the token may be drawn)")
+    if allowed.shape != logits.shape:
+        raise ValueError(f"allowed has shape {tuple(allowed.shape)} but the logits have shape "
+                         f"{tuple(logits.shape)}; give one flag per token of every row")
+    if not bool(allowed.any(dim=-1).all()):
+        raise ValueError("a row allows no token at all: the constraint has nothing left to sample from")
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def log_mass_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log Z = \log \sum_{w \in A} p(w)` per row, in nats, with :math:`p` the
+    softmax of ``logits`` (temperature 1, no filters): ``(..., |𝒱|) -> (...)`` float64.
+    Renormalising over ``A`` multiplies every allowed probability by :math:`1 / Z`."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return torch.logsumexp(logp.masked_fill(~allowed.to(logp.device), float("-inf")), dim=-1)
+
+
+_MASK_CACHES: dict[tuple, dict] = {}     # token texts -> {tracker key: mask}
+_MASK_CACHE_SIZE = 200_000
+
+
+class MetreConstraint:
+    r"""A metre-aware logits processor: masks every token that would break the bar arithmetic.
+
+    One :class:`genart_utils.music.BarTracker` per row follows the tune being written (the
+    prompt must hold the header with ``M:`` and, unless ABC's default applies, ``L:``; an
+    ``M:`` or ``L:`` line written later, or ``[M:...]``, changes them from there). At each
+    step :meth:`allowed` returns, for every token, whether the text with that token still
+    has no bar longer than its metre and no finished short bar outside the places where
+    :func:`genart_utils.music.bar_verdicts` allows one (an upbeat, a section's first or last
+    bar); a bar line is therefore only allowed once its bar is full. See ``BarTracker`` for
+    what a character model can and cannot be judged on at each character.
+
+    It composes with the filters: the mask is applied first, then temperature, top-k and
+    top-p reshape the renormalised distribution (:func:`sample` with ``allowed=``).
+
+    Masks are cached by the trackers' states (:meth:`BarTracker.key`), so rows and steps
+    in the same situation are judged once; tokens whose texts differ only by the pitch
+    letter (``A2`` and ``G2``) are judged together.
+
+    Args:
+        token_texts: the text of every token id (``vocab.token_texts`` of a
+            :class:`~genart_utils.text.CharVocab` or :class:`~genart_utils.text.MusicVocab`);
+            ``None`` for a token that is never allowed (a byte token).
+        prompts: the text before the first generated token, one per row.
+
+    Raises:
+        ValueError: from ``BarTracker`` for a prompt without ``M:``, with a malformed metre
+            (``M:7/0``, ``M:abc``) or unit length, or with bars that already do not fit.
+    """
+
+    def __init__(self, token_texts: Sequence[str | None], prompts: Sequence[str]):
+        from . import music
+
+        if isinstance(prompts, str):
+            raise ValueError("prompts is a sequence with one prompt per row, not one string")
+        self.token_texts = tuple(token_texts)
+        if not self.token_texts:
+            raise ValueError("token_texts is empty: pass vocab.token_texts")
+        self.trackers = [music.BarTracker(p) for p in prompts]
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(self.token_texts):
+            if t is not None and t != "":
+                groups.setdefault(t.translate(music._NORMALIZE), []).append(i)
+        self._groups = [(self.token_texts[ids[0]], ids) for ids in groups.values()]
+        # Masks are shared by every constraint over the same tokens (bounded, then cleared).
+        self._cache = _MASK_CACHES.setdefault(self.token_texts, {})
+        self.hits = self.misses = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_texts)
+
+    def row_allowed(self, row: int) -> torch.Tensor:
+        """``(|𝒱|,)`` bool: the tokens that may come next in row ``row``."""
+        tracker = self.trackers[row]
+        key = tracker.key()
+        mask = self._cache.get(key)
+        if mask is not None:
+            self.hits += 1
+            return mask
+        self.misses += 1
+        flags = [False] * self.vocab_size
+        for text, ids in self._groups:
+            if tracker.allows(text):
+                for i in ids:
+                    flags[i] = True
+        if not any(flags):
+            raise ValueError(f"no token can follow {tracker.text[-40:]!r} in time; was text that the "
+                             "constraint did not allow appended?")
+        mask = torch.tensor(flags)
+        if len(self._cache) >= _MASK_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = mask
+        return mask
+
+    def allowed(self, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, |𝒱|)`` bool for all rows (or those in ``rows``; the others allow everything)."""
+        out = torch.ones(len(self.trackers), self.vocab_size, dtype=torch.bool)
+        for b in range(len(self.trackers)) if rows is None else rows:
+            out[b] = self.row_allowed(b)
+        return out
+
+    def advance(self, tokens: Sequence[int] | torch.Tensor, rows: Sequence[int] | None = None) -> None:
+        """Append the drawn token of every row (or of those in ``rows``) to its tune."""
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        if len(tokens) != len(self.trackers):
+            raise ValueError(f"one token per row: got {len(tokens)} for {len(self.trackers)} rows")
+        for b in range(len(self.trackers)) if rows is None else rows:
+            text = self.token_texts[tokens[b]]
+            if text is None:
+                raise ValueError(f"token {tokens[b]} has no text of its own (a byte token); the "
+                                 "constraint never allows it")
+            self.trackers[b].append(text)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, |𝒱|)`` logits with the tokens that break the metre set to ``-inf``."""
+        return mask_logits(logits, self.allowed().to(logits.device))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What :func:`generate` returns."""
+
+    sequences: torch.Tensor   # (B, T0 + n_new) the prompts and their continuations
+    log_kept: torch.Tensor    # (B,) float64 nats: sum over the steps of log Z_t (0 unconstrained)
+    n_steps: torch.Tensor     # (B,) int64: generated tokens up to and including the stop sequence
+
+
+@torch.no_grad()
+def generate(next_logits: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
+             max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None,
+             stop: Sequence[int] | None = None, constraint: MetreConstraint | None = None
+             ) -> Generation:
+    r"""Sample continuations of a batch of prompts, optionally under a constraint.
+
+    At every step the next-token logits of all rows are read from ``next_logits(seqs)``
+    (``(B, t) -> (B, |𝒱|)``: the interface of :func:`beam_search`, e.g.
+    ``gpt.cached_next_log_probs_fn(model)``), and one token per row is drawn with
+    :func:`sample`. With a ``constraint``, its mask is applied first
+    (``sample(..., allowed=...)``), and ``log_kept`` adds up, per row,
+    :math:`\log Z_t = \log \sum_{w \in A_t} p(w \mid x_{<t})` under the model's own
+    distribution (temperature 1, no filters): the log-probability that the unconstrained
+    model would have stayed in time at that step. Without a constraint, the draws are those
+    of :func:`sample` (same generator, same results).
+
+    Rows stop being followed once their continuation ends with ``stop`` (they keep being
+    sampled, like :func:`genart_utils.gpt.generate`, until all have stopped; cut them there).
+
+    Args:
+        prompt: ``(B, T0)`` int64 token ids (all rows of one length).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_temperature(temperature)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"the prompt must be (B, T0) token ids with T0 >= 1, got shape {tuple(prompt.shape)}")
+    if constraint is not None and len(constraint.trackers) != prompt.shape[0]:
+        raise ValueError(f"the constraint follows {len(constraint.trackers)} rows but the prompt has "
+                         f"{prompt.shape[0]}; build it with one prompt per row")
+    seqs = prompt.long()
+    B, T0 = seqs.shape
+    stop = list(stop) if stop else []
+    active = [True] * B
+    log_kept = torch.zeros(B, dtype=torch.float64)
+    n_steps = torch.zeros(B, dtype=torch.long)
+    for _ in range(max_new_tokens):
+        if not any(active):
+            break
+        logits = next_logits(seqs)                                        # (B, V)
+        allowed = None
+        if constraint is not None:
+            rows = [b for b in range(B) if active[b]]
+            allowed = constraint.allowed(rows).to(logits.device)
+            log_kept[rows] += log_mass_allowed(logits[rows], allowed[rows]).cpu()
+        nxt = sample(logits, temperature, top_k, top_p, generator, allowed=allowed)   # (B,)
+        seqs = torch.cat([seqs, nxt[:, None].to(seqs.device)], dim=1)
+        rows = [b for b in range(B) if active[b]]
+        n_steps[rows] += 1
+        if constraint is not None:
+            constraint.advance(nxt.cpu(), rows)
+        if stop:
+            for b in rows:
+                if seqs.shape[1] - T0 >= len(stop) and seqs[b, -len(stop):].tolist() == stop:
+                    active[b] = False
+    return Generation(seqs, log_kept, n_steps)
+
+
+def generate_texts(next_logits: Callable[[torch.Tensor], torch.Tensor], vocab, prompts: Sequence[str],
+                   max_new_tokens: int, *, constrain: bool = False, stop: str | None = "\n\n",
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int = 0) -> tuple[list[str], list[float]]:
+    """Continue each prompt with :func:`generate` (under a :class:`MetreConstraint` with
+    ``constrain``) and return the continuations, each cut just after the first ``stop``,
+    with the ``log_kept`` of each (nats; 0 without the constraint).
+
+    ``vocab`` is a :class:`~genart_utils.text.CharVocab` or
+    :class:`~genart_utils.text.MusicVocab`. Prompts with the same number of tokens are
+    generated together; all draws come from one generator seeded with ``seed``.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    encoded = [vocab.encode(p) for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    stop_ids = vocab.encode(stop).tolist() if stop else None
+    texts: list[str] = [""] * len(prompts)
+    kept: list[float] = [0.0] * len(prompts)
+    for length in sorted(by_length):
+        rows = by_length[length]
+        batch = torch.stack([encoded[i] for i in rows])
+        constraint = MetreConstraint(vocab.token_texts, [prompts[i] for i in rows]) if constrain else None
+        out = generate(next_logits, batch, max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, generator=generator, stop=stop_ids, constraint=constraint)
+        for r, i in enumerate(rows):
+            text = vocab.decode(out.sequences[r, length:length + int(out.n_steps[r])])
+            texts[i] = text[:text.index(stop) + len(stop)] if stop and stop in text else text
+            kept[i] = float(out.log_kept[r])
+    return texts, kept
 
 
 # ------------------------------------------------------------------------ strategies

@@ -4,17 +4,20 @@
   into training and validation sets *by document* with a fixed seed, and the character
   vocabulary. The default corpus is the folk tunes in ABC notation that ship with music21
   (:mod:`genart_utils.music`); any UTF-8 text file can be used instead.
-* :class:`CharVocab` maps characters to token ids and back.
+* :class:`CharVocab` maps characters to token ids and back; :class:`MusicVocab` is a lossless
+  music-aware tokeniser for ABC (whole notes, bar lines and header fields as tokens).
 * :class:`NGramModel` is a count-based character n-gram model with either additive
   (Laplace/Lidstone) smoothing or interpolated Kneser-Ney smoothing: the first
   autoregressive models, and the baselines every neural model must beat.
 * :func:`bits_per_char`, :func:`distinct_ngrams` and :func:`repetition_rate` measure
-  likelihood and diversity.
+  likelihood and diversity; :func:`bits_per_document` scores whole documents (tunes) so that
+  two tokenisations of the same text compare fairly.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,6 +31,34 @@ LN2 = math.log(2.0)
 
 
 # ------------------------------------------------------------------------ vocabulary
+
+def _checked_ids(ids, size: int, what: str) -> list[int]:
+    """Token ids (a 1-D tensor or array, or a sequence of ints) as a list of Python ints.
+
+    Raises:
+        ValueError: for an id outside ``0 .. size - 1`` (a negative id is not counted from
+            the end) or one that is not an integer, naming the vocabulary size.
+    """
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        if ids.ndim != 1:
+            raise ValueError(f"decode takes a 1-D sequence of token ids, got shape {tuple(ids.shape)}; "
+                             "decode each row of a batch separately")
+        integral = not ids.dtype.is_floating_point and ids.dtype not in (torch.bool, torch.complex64) \
+            if isinstance(ids, torch.Tensor) else np.issubdtype(ids.dtype, np.integer)
+        values = ids.tolist()
+        if integral and (not values or (min(values) >= 0 and max(values) < size)):
+            return values
+    else:
+        values = list(ids)
+    bad = [i for i in values if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))
+           or not 0 <= i < size]
+    if bad:
+        shown = ", ".join(map(repr, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"token ids must be ints in 0..{size - 1} (this vocabulary has {size} {what}), got "
+            f"{shown}; were they produced with another vocabulary?")
+    return [int(i) for i in values]
+
 
 @dataclass(frozen=True)
 class CharVocab:
@@ -55,6 +86,11 @@ class CharVocab:
     def __len__(self) -> int:
         return len(self.chars)
 
+    @property
+    def token_texts(self) -> tuple[str, ...]:
+        """The text of every token id: its character."""
+        return tuple(self.chars)
+
     def encode(self, text: str) -> torch.Tensor:
         """``text`` as a ``(len(text),)`` int64 tensor of token ids.
 
@@ -76,20 +112,285 @@ class CharVocab:
             ValueError: for an id outside ``0 .. size - 1`` (a negative id is not counted
                 from the end) or one that is not an integer, naming the vocabulary size.
         """
-        if isinstance(ids, (torch.Tensor, np.ndarray)):
-            if ids.ndim != 1:
-                raise ValueError(f"decode takes a 1-D sequence of token ids, got shape {tuple(ids.shape)}; "
-                                 "decode each row of a batch separately")
-            ids = ids.tolist()
-        values = list(ids)
-        bad = [i for i in values if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))
-               or not 0 <= i < self.size]
-        if bad:
-            shown = ", ".join(map(repr, bad[:5])) + (", ..." if len(bad) > 5 else "")
-            raise ValueError(
-                f"token ids must be ints in 0..{self.size - 1} (this vocabulary has {self.size} "
-                f"characters), got {shown}; were they produced with another vocabulary?")
-        return "".join(self.chars[i] for i in values)
+        return "".join(self.chars[i] for i in _checked_ids(ids, self.size, "characters"))
+
+
+# ------------------------------------------------------------------------ music-aware tokens
+
+_ABC_LEXEME = re.compile(r"""
+      ^[A-Za-z]:[^\n]*                              # a field line: M:6/8, L:1/8, K:G
+    | (?:\^\^|__|[\^_=])?[A-Ga-g][,']*\d*(?:/+\d*)?  # a note: accidental, pitch, octave marks, length
+    | [ \n]                                         # (spaces and line breaks are frequent: early)
+    | \|[\]|:12]? | :\|[12]? | \[\| | \[[12] | ::   # bar lines: | |] || |: |1 :| :|2 [| [1 ::
+    | [zx]\d*(?:/+\d*)? | Z\d*                      # rests
+    | \(\d(?::\d?){0,2}                             # a tuplet sign: (3, (3:2:3
+    | [<>]{1,3}                                     # a broken rhythm
+    | "[^"\n]*"                                     # a chord symbol or annotation
+    | \[[A-Za-z]:[^\]\n]*\]                         # an inline field: [K:D]
+    | ![^!\n]*!                                     # a decoration
+    | .                                             # any other character
+    """, re.VERBOSE | re.MULTILINE | re.DOTALL)
+
+
+def abc_lexemes(text: str) -> list[str]:
+    """Split ABC text into the pieces a music-aware tokeniser works with (lossless:
+    ``"".join(abc_lexemes(text)) == text`` for every text).
+
+    A piece is a whole field line without its newline (``M:6/8``), an inline field
+    (``[K:D]``), a bar line (``|``, ``||``, ``|]``, ``|:``, ``:|``, ``::``, ``[|``, ``[1``,
+    ``|1``, ``:|2``, ...), a note with its accidental, octave marks and length (``^c'3/2``),
+    a rest (``z2``), a tuplet sign (``(3``), a broken rhythm (``>``), a chord symbol or
+    annotation in quotes, a ``!decoration!``, or else a single character (spaces, line
+    breaks, ``[``/``]`` around chords, ``{``/``}`` around grace notes, decorations such as
+    ``~``, ties and slurs, and anything unusual). Notes inside chords and grace groups are
+    notes too.
+    """
+    return _ABC_LEXEME.findall(text)
+
+
+@dataclass(frozen=True)
+class MusicVocab:
+    r"""A lossless music-aware tokeniser for ABC: whole notes, bar lines, fields, characters.
+
+    The text is split with :func:`abc_lexemes`. A piece that is in the vocabulary is one
+    token; any other piece is written with its characters, and a character that is not in
+    the vocabulary either (with ``byte_fallback``) with the bytes of its UTF-8 encoding, one
+    token per byte. So every text can be encoded, and ``decode(encode(text)) == text``.
+
+    Header fields are one token per whole line (``M:6/8``, ``L:1/8``, ``K:Dm``): each is one
+    choice among a few dozen values, which the model then reads as one symbol, as it reads a
+    note; a rare value (``K:Dmixm``) falls back to characters.
+
+    ``tokens[i]`` is the text of token ``i``: first the single characters (sorted), then the
+    longer pieces (most frequent first); with ``byte_fallback`` the 256 byte tokens follow,
+    ids ``len(tokens) .. len(tokens) + 255`` (their text is ``None`` in :attr:`token_texts`).
+    """
+
+    tokens: tuple[str, ...]          # the text of each token; position = id
+    byte_fallback: bool = True       # 256 extra tokens that spell any other character in UTF-8
+    _index: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tokens = tuple(self.tokens)
+        if not tokens or any(not isinstance(t, str) or t == "" for t in tokens):
+            raise ValueError("a MusicVocab needs at least one token, each a non-empty string")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("the tokens of a vocabulary must be distinct")
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "_index", {t: i for i, t in enumerate(tokens)})
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], min_count: int = 2, max_pieces: int | None = None,
+                   byte_fallback: bool = True) -> "MusicVocab":
+        """The vocabulary of ``texts`` (the training tunes): every character in them, and
+        every longer piece (:func:`abc_lexemes`) that occurs at least ``min_count`` times
+        (at most ``max_pieces`` of them, the most frequent; ties broken by the text)."""
+        if isinstance(texts, str):
+            raise TypeError("from_texts takes a sequence of texts (the training tunes), not one string")
+        if not runtime.is_int(min_count) or min_count < 1:
+            raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
+        if max_pieces is not None and (not runtime.is_int(max_pieces) or max_pieces < 0):
+            raise ValueError(f"max_pieces must be an int >= 0 or None, got {max_pieces!r}")
+        chars: set[str] = set()
+        counts: dict[str, int] = {}
+        for t in texts:
+            chars.update(t)
+            for piece in abc_lexemes(t):
+                if len(piece) > 1:
+                    counts[piece] = counts.get(piece, 0) + 1
+        pieces = sorted((p for p, c in counts.items() if c >= min_count), key=lambda p: (-counts[p], p))
+        if max_pieces is not None:
+            pieces = pieces[:max_pieces]
+        if not chars:
+            raise ValueError("the texts are empty: there is nothing to build a vocabulary from")
+        return cls(tuple(sorted(chars)) + tuple(pieces), byte_fallback=byte_fallback)
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens) + (256 if self.byte_fallback else 0)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def token_texts(self) -> tuple[str | None, ...]:
+        """The text of every token id (``None`` for a byte token, which is part of a character)."""
+        return self.tokens + ((None,) * 256 if self.byte_fallback else ())
+
+    def _piece_ids(self, piece: str) -> list[int]:
+        i = self._index.get(piece)
+        if i is not None:
+            return [i]
+        ids = []
+        for c in piece:
+            j = self._index.get(c)
+            if j is not None:
+                ids.append(j)
+            elif self.byte_fallback:
+                ids.extend(len(self.tokens) + b for b in c.encode("utf-8"))
+            else:
+                raise ValueError(f"the character {c!r} is not in the vocabulary and byte_fallback "
+                                 "is off; build the vocabulary with byte_fallback=True")
+        return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[torch.Tensor, np.ndarray]:
+        """``(ids, offsets)``: the ``(n,)`` int64 token ids of ``text`` and, for each token,
+        the offset in ``text`` of the character it belongs to (the first character of a
+        piece; the same character for all bytes of one character)."""
+        ids: list[int] = []
+        offsets: list[int] = []
+        at = 0
+        for piece in abc_lexemes(text):
+            piece_ids = self._piece_ids(piece)
+            if len(piece_ids) == 1:
+                offsets.append(at)
+            else:
+                for k, c in enumerate(piece):
+                    n = 1 if c in self._index else len(c.encode("utf-8"))
+                    offsets.extend([at + k] * n)
+            ids.extend(piece_ids)
+            at += len(piece)
+        return torch.tensor(ids, dtype=torch.long), np.asarray(offsets, dtype=np.int64)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``text`` as a ``(n,)`` int64 tensor of token ids (see the class description)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a string, got {type(text).__name__}")
+        index, ids = self._index, []
+        for piece in _ABC_LEXEME.findall(text):
+            i = index.get(piece)
+            if i is None:
+                ids.extend(self._piece_ids(piece))
+            else:
+                ids.append(i)
+        return torch.tensor(ids, dtype=torch.long)
+
+    def split(self, text: str) -> list[str]:
+        """The text of each token of ``encode(text)`` (a byte token as ``<0xNN>``)."""
+        n = len(self.tokens)
+        return [self.tokens[i] if i < n else f"<0x{i - n:02X}>" for i in self.encode(text).tolist()]
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """Token ids back to text: exactly the encoded text for ids from :meth:`encode`.
+        Byte tokens that do not form valid UTF-8 (a model can write them in any order)
+        become U+FFFD.
+
+        Raises:
+            ValueError: for an id outside ``0 .. size - 1`` or one that is not an integer.
+        """
+        values = _checked_ids(ids, self.size, "tokens")
+        n = len(self.tokens)
+        out: list[str] = []
+        pending = bytearray()
+        for i in values:
+            if i >= n:
+                pending.append(i - n)
+                continue
+            if pending:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending = bytearray()
+            out.append(self.tokens[i])
+        if pending:
+            out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+def token_offsets(vocab: "CharVocab | MusicVocab", text: str) -> tuple[torch.Tensor, np.ndarray]:
+    """``(ids, offsets)`` of ``text`` under either tokeniser: the token ids and, for each
+    token, the offset of its first character in ``text``."""
+    if isinstance(vocab, MusicVocab):
+        return vocab.encode_with_offsets(text)
+    ids = vocab.encode(text)
+    return ids, np.arange(len(text), dtype=np.int64)
+
+
+# ------------------------------------------------------------------------ bits per document
+
+def scoring_stream(documents: Sequence[str], separator: str = "\n") -> tuple[str, np.ndarray]:
+    """The text on which documents are scored, and where each document's share begins.
+
+    The stream is ``separator + separator.join(documents)``: it starts with the separator
+    so that the first token, which has no context and is not scored, is the same (one
+    separator character) for every tokeniser; every character of every document is then
+    scored. Document ``i`` owns the characters from the separator before it up to the next
+    document's separator; ``starts[i]`` is the offset of that separator.
+    """
+    if isinstance(documents, str) or not len(documents):
+        raise ValueError("scoring_stream takes a non-empty sequence of documents (e.g. the validation tunes)")
+    starts = []
+    at = 0
+    for doc in documents:
+        starts.append(at)
+        at += len(separator) + len(doc)
+    return separator + separator.join(documents), np.asarray(starts, dtype=np.int64)
+
+
+def document_bits(log_probs: torch.Tensor | np.ndarray, offsets: np.ndarray,
+                  starts: np.ndarray) -> np.ndarray:
+    r"""Bits per document: the sum of the token log-losses that fall in each document.
+
+    .. math:: \text{bits}(d) = -\frac{1}{\ln 2} \sum_{i \ge 1,\ \text{token } i \in d} \log p(x_i \mid x_{<i})
+
+    Args:
+        log_probs: ``(N - 1,)`` log-probabilities in nats of tokens ``1 .. N-1`` of the
+            stream (e.g. from ``gpt.token_log_probs`` or ``NGramModel.log_probs``).
+        offsets: ``(N,)`` the character offset of each token (:func:`token_offsets`).
+        starts: ``(D,)`` where each document's share begins (:func:`scoring_stream`).
+
+    Returns:
+        ``(D,)`` float64 bits. Their sum is the total cost of the stream, whatever the
+        tokeniser, so two tokenisations of the same documents compare fairly (a token is
+        counted in the document where its first character lies; tokens never cross the
+        separator, which is a token of its own).
+    """
+    lp = np.asarray(log_probs.detach().cpu() if isinstance(log_probs, torch.Tensor) else log_probs,
+                    dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    starts = np.asarray(starts, dtype=np.int64)
+    if lp.ndim != 1 or offsets.ndim != 1 or len(lp) != len(offsets) - 1:
+        raise ValueError(f"need log_probs of shape (N - 1,) for offsets of shape (N,), got "
+                         f"{lp.shape} and {offsets.shape}")
+    if len(starts) == 0 or np.any(np.diff(starts) < 0) or starts[0] != 0:
+        raise ValueError("starts must be increasing document offsets beginning at 0 (from scoring_stream)")
+    doc = np.searchsorted(starts, offsets[1:], side="right") - 1
+    return -np.bincount(doc, weights=lp, minlength=len(starts)) / LN2
+
+
+def bits_per_document(log_prob_fn, vocab: "CharVocab | MusicVocab", documents: Sequence[str]) -> np.ndarray:
+    """Score documents with a model and return the bits each costs (:func:`document_bits`).
+
+    ``log_prob_fn(ids)`` maps the ``(N,)`` token ids of the :func:`scoring_stream` to the
+    ``(N - 1,)`` log-probabilities in nats of tokens ``1 .. N-1``, e.g.
+    ``lambda ids: gpt.token_log_probs(model, ids)`` or ``ngram.log_probs``. Dividing the
+    sum by the number of characters gives bits per character on the same footing for
+    any tokeniser.
+    """
+    stream, starts = scoring_stream(documents)
+    ids, offsets = token_offsets(vocab, stream)
+    return document_bits(log_prob_fn(ids), offsets, starts)
+
+
+def continuation_bits(log_prob_fn, vocab: "CharVocab | MusicVocab", prompt: str,
+                      continuation: str) -> float:
+    r"""The bits a model spends on ``continuation`` after ``prompt``:
+    :math:`-\log_2 p(\text{continuation} \mid \text{prompt})`, summed over the tokens of
+    ``continuation`` (tokenised with the prompt, so a token may not straddle the two: the
+    prompt should end at a token boundary, e.g. after a newline).
+
+    ``log_prob_fn`` is as in :func:`bits_per_document`. Divide by ``len(continuation)`` for
+    bits per character; for samples drawn under a constraint this measures what the
+    constraint costs in the unconstrained model's eyes.
+    """
+    ids = vocab.encode(prompt + continuation)
+    n_prompt = len(vocab.encode(prompt))
+    if vocab.decode(ids[:n_prompt]) != prompt:
+        raise ValueError("the prompt does not end at a token boundary of prompt + continuation; "
+                         "end it with a newline")
+    if n_prompt < 1:
+        raise ValueError("the prompt must hold at least one token (the first token is not scored)")
+    lp = log_prob_fn(ids)
+    lp = np.asarray(lp.detach().cpu() if isinstance(lp, torch.Tensor) else lp, dtype=np.float64)
+    return float(-lp[n_prompt - 1:].sum() / LN2)
 
 
 # ------------------------------------------------------------------------ corpora

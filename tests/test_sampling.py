@@ -202,3 +202,117 @@ def test_cached_beam_search_equals_uncached():
     cached = sampling.beam_search(gpt.cached_next_log_probs_fn(model), prefix, steps=5, beam_width=4)
     assert torch.equal(plain.sequences, cached.sequences)
     assert torch.allclose(plain.scores, cached.scores, atol=1e-9)
+
+
+# ------------------------------------------------------------------------ constraints
+
+SETTINGS = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.9), (0.8, 10, 0.8), (0.0, None, None)]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
+def test_without_a_constraint_sampling_is_exactly_as_before(temperature, top_k, top_p):
+    # "Before" is the computation sample() always did: multinomial over
+    # softmax(filter_logits(...)) (greedy at temperature 0), with the same generator.
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(4)) * 3
+    everything = torch.ones_like(logits, dtype=torch.bool)
+    for seed in range(3):
+        if temperature == 0:
+            reference = sampling.greedy(logits)
+        else:
+            probs = torch.softmax(sampling.filter_logits(logits.float(), temperature, top_k, top_p), -1)
+            reference = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+        plain = sampling.sample(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+        masked = sampling.sample(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed),
+                                 allowed=everything)
+        assert torch.equal(plain, reference) and torch.equal(masked, reference)
+    # an all-true mask leaves logits and probabilities bit for bit
+    assert torch.equal(sampling.mask_logits(logits, everything), logits)
+    if temperature:
+        assert torch.equal(torch.softmax(sampling.filter_logits(sampling.mask_logits(logits, everything),
+                                                                temperature, top_k, top_p), -1),
+                           torch.softmax(sampling.filter_logits(logits, temperature, top_k, top_p), -1))
+
+
+def test_a_mask_renormalises_and_the_filters_act_on_what_it_keeps():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, generator=g, dtype=torch.float64)
+    allowed = torch.tensor([True, False, True, True, False, True])
+    draws = sampling.sample(logits.expand(40_000, 6), allowed=allowed.expand(40_000, 6), generator=g)
+    assert set(draws.tolist()) <= {0, 2, 3, 5}
+    # the renormalised model, p(w) [w in A] / Z
+    p = torch.softmax(logits, -1)
+    expected = torch.where(allowed, p, torch.zeros_like(p)) / p[allowed].sum()
+    observed = torch.bincount(draws, minlength=6).double() / len(draws)
+    assert (observed - expected).abs().max() < 0.01
+    assert math.isclose(float(sampling.log_mass_allowed(logits, allowed)), math.log(float(p[allowed].sum())),
+                        rel_tol=1e-12)
+    # top-k = 1 after the mask: the most likely allowed token, even if a banned one is likelier
+    best_allowed = int(torch.where(allowed, logits, torch.tensor(-math.inf, dtype=torch.float64)).argmax())
+    assert int(sampling.sample(logits, top_k=1, allowed=allowed, generator=g)) == best_allowed
+    assert int(sampling.sample(logits, temperature=0, allowed=allowed)) == best_allowed
+
+
+@pytest.mark.parametrize("allowed, message", [
+    (torch.ones(3, dtype=torch.bool), "shape"),
+    (torch.ones(4), "boolean"),
+    (torch.zeros(4, dtype=torch.bool), "allows no token"),
+])
+def test_bad_masks_are_refused(allowed, message):
+    with pytest.raises(ValueError, match=message):
+        sampling.sample(torch.zeros(4), allowed=allowed)
+
+
+def abc_model(seed: int = 0):
+    from genart_utils import text
+
+    prompts = ["M:2/4\nL:1/8\nK:G\n", "M:6/8\nL:1/8\nK:D\n", "M:3/4\nL:1/16\nK:C\n", "M:C|\nL:1/8\nK:F\n"]
+    vocab = text.CharVocab.from_texts("ABCDEFGabcdefgz2346/ |:]\n>(", *prompts)
+    config = gpt.GPTConfig(vocab_size=vocab.size, block_size=32, n_layer=1, n_head=2, n_embd=16, seed=seed)
+    return gpt.GPT(config).double().eval(), vocab, prompts
+
+
+def test_generate_without_a_constraint_is_step_by_step_sampling():
+    model, vocab, prompts = abc_model()
+    batch = torch.stack([vocab.encode(p) for p in prompts[:2]] * 3)            # same lengths
+    fn = gpt.next_log_probs_fn(model)
+    out = sampling.generate(fn, batch, 20, temperature=0.9, top_k=8,
+                            generator=torch.Generator().manual_seed(7))
+    g, seqs = torch.Generator().manual_seed(7), batch
+    for _ in range(20):
+        seqs = torch.cat([seqs, sampling.sample(fn(seqs), 0.9, 8, None, g)[:, None]], 1)
+    assert torch.equal(out.sequences, seqs)
+    assert (out.log_kept == 0).all() and (out.n_steps == 20).all()
+
+
+def test_a_tiny_gpt_under_the_constraint_writes_tunes_whose_bars_fit():
+    from genart_utils import music, text
+
+    model, vocab, prompts = abc_model(seed=3)
+    fn = gpt.cached_next_log_probs_fn(model)
+    tunes, kept = sampling.generate_texts(fn, vocab, prompts, 60, constrain=True, temperature=1.2,
+                                          top_p=0.95, seed=0)
+    for prompt, tune in zip(prompts, tunes):
+        assert music.count_bad_bars(music.bars(prompt + tune)) == 0, tune
+    # log_kept is the sum over the steps of log Z: replay the masks and the model's log-probs
+    for prompt, tune, k in zip(prompts, tunes, kept):
+        replay, ids, total = sampling.MetreConstraint(vocab.token_texts, [prompt]), vocab.encode(prompt + tune), 0.0
+        for t in range(len(vocab.encode(prompt)), len(ids)):
+            total += float(sampling.log_mass_allowed(fn(ids[None, :t])[0], replay.row_allowed(0)))
+            replay.advance([int(ids[t])])
+        assert math.isclose(total, k, rel_tol=1e-9, abs_tol=1e-9) and k < 0
+    # what the samples cost under the unconstrained model, in bits
+    bits = [text.continuation_bits(lambda ids: gpt.token_log_probs(model, ids), vocab, p, t)
+            for p, t in zip(prompts, tunes)]
+    assert all(b > 0 for b in bits)
+
+
+def test_constraint_arguments_are_checked():
+    model, vocab, prompts = abc_model()
+    with pytest.raises(ValueError, match="one prompt per row"):
+        sampling.MetreConstraint(vocab.token_texts, prompts[0])
+    constraint = sampling.MetreConstraint(vocab.token_texts, prompts[:2])
+    with pytest.raises(ValueError, match="follows 2 rows"):
+        sampling.generate(gpt.next_log_probs_fn(model), torch.stack([vocab.encode(prompts[0])] * 3), 2,
+                          constraint=constraint)
+    with pytest.raises(ValueError, match="one token per row"):
+        constraint.advance([0])
