@@ -131,6 +131,20 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
+def _sum_per_image(x: torch.Tensor, params: torch.Tensor, name: str, log_probs) -> torch.Tensor:
+    """Sum per-pixel log-probabilities over every axis of ``x`` but the batch axis, after
+    checking that ``x`` has one and that the decoder's ``params`` end with its shape.
+    ``log_probs`` computes the per-pixel values; it is called only after the checks."""
+    if x.ndim < 2:
+        raise ValueError(f"x of shape {tuple(x.shape)} has no batch axis: the log-likelihood is "
+                         f"summed over every axis but the first, so pass x[None] (and {name}[None]) "
+                         "for a single example")
+    if params.shape[-x.ndim:] != x.shape:
+        raise ValueError(f"{name} of shape {tuple(params.shape)} does not end with the images' "
+                         f"shape {tuple(x.shape)}")
+    return log_probs().sum(tuple(range(-(x.ndim - 1), 0)))  # every axis but the batch axis
+
+
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     r""":math:`\log p(x \mid \ell) = \sum_i x_i \log \sigma(\ell_i) + (1 - x_i) \log(1 -
     \sigma(\ell_i)) = \sum_i x_i \ell_i - \operatorname{softplus}(\ell_i)` for binary ``x``.
@@ -146,15 +160,7 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     Returns:
         ``(B,)`` or ``(S, B)``: one log-probability per image, in nats.
     """
-    if x.ndim < 2:
-        raise ValueError(f"x of shape {tuple(x.shape)} has no batch axis: the log-likelihood is "
-                         "summed over every axis but the first, so pass x[None] (and logits[None]) "
-                         "for a single example")
-    if logits.shape[-x.ndim:] != x.shape:
-        raise ValueError(f"logits of shape {tuple(logits.shape)} do not end with the images' "
-                         f"shape {tuple(x.shape)}")
-    dims = tuple(range(-(x.ndim - 1), 0))  # every axis but the batch axis
-    return (x * logits - F.softplus(logits)).sum(dims)
+    return _sum_per_image(x, logits, "logits", lambda: x * logits - F.softplus(logits))
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor | float
@@ -313,15 +319,7 @@ def discretised_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: t
     Returns:
         ``(B,)`` or ``(S, B)``: one log-probability per image, in nats.
     """
-    if x.ndim < 2:
-        raise ValueError(f"x of shape {tuple(x.shape)} has no batch axis: the log-likelihood is "
-                         "summed over every axis but the first, so pass x[None] (and mean[None]) "
-                         "for a single example")
-    if mean.shape[-x.ndim:] != x.shape:
-        raise ValueError(f"mean of shape {tuple(mean.shape)} does not end with the images' "
-                         f"shape {tuple(x.shape)}")
-    dims = tuple(range(-(x.ndim - 1), 0))  # every axis but the batch axis
-    return discretised_log_prob(x, mean, log_scale, kind).sum(dims)
+    return _sum_per_image(x, mean, "mean", lambda: discretised_log_prob(x, mean, log_scale, kind))
 
 
 def discretised_mean(mean: torch.Tensor, log_scale: torch.Tensor | float,
