@@ -73,6 +73,85 @@ def image_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None,
     return fig
 
 
+def labelled_grid(rows, row_labels: Sequence[str] | None = None, *,
+                  column_labels: Sequence[str] | None = None, title: str | None = None,
+                  footer: str | None = None, ncols: int | None = None, cell: float = 0.5,
+                  value_range: tuple[float, float] = (0.0, 1.0)) -> Figure:
+    """Rows of images with a label beside each row and, optionally, under each column.
+
+    Args:
+        rows: ``{label: (k, C, H, W) images}`` (the keys are the row labels), a sequence of
+            ``(k, C, H, W)`` tensors, or one ``(rows, columns, C, H, W)`` tensor. Rows may
+            hold different numbers of images; shorter rows are padded with blank cells.
+        row_labels: one label per row; required unless ``rows`` is a mapping.
+        column_labels: one label per column (``""`` for none), written under the grid.
+        title: drawn above the grid; ``footer`` (say an attribution) small, below it.
+        ncols: the number of columns; by default the longest row's length, and longer rows
+            are cut to it.
+        cell: inches per image.
+
+    Values are clipped to ``value_range``; single-channel images are drawn in grey as in
+    :func:`image_grid`. Returns a figure with one axes whose y tick labels are the row
+    labels and whose x tick labels are the column labels.
+    """
+    if isinstance(rows, Mapping):
+        if row_labels is not None:
+            raise ValueError("rows is a mapping, whose keys are the row labels: leave row_labels out")
+        row_labels, rows = [str(k) for k in rows], list(rows.values())
+    elif isinstance(rows, torch.Tensor):
+        if rows.ndim != 5:
+            raise ValueError(f"a tensor of rows must have shape (rows, columns, C, H, W), got {tuple(rows.shape)}")
+        rows = list(rows)
+    else:
+        rows = list(rows)
+    if not rows:
+        raise ValueError("no rows to draw: pass at least one row of images")
+    for i, images in enumerate(rows):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"row {i} must be a non-empty (k, C, H, W) tensor of images, got {shape}")
+        if images.shape[1:] != rows[0].shape[1:]:
+            raise ValueError(f"every row must have images of one shape: row 0 has {tuple(rows[0].shape[1:])}, "
+                             f"row {i} has {tuple(images.shape[1:])}")
+    if row_labels is None or len(row_labels) != len(rows):
+        got = "none" if row_labels is None else len(row_labels)
+        raise ValueError(f"give one row label per row: {len(rows)} rows, {got} labels")
+    ncols = ncols or max(len(images) for images in rows)
+    if column_labels is not None and len(column_labels) != ncols:
+        raise ValueError(f"give one column label per column (\"\" for none): {ncols} columns, "
+                         f"{len(column_labels)} labels")
+    lo, hi = value_range
+    c, h, w = rows[0].shape[1:]
+    blank = lo if c == 1 else hi                                     # white in either colour map
+    padded = [torch.cat([images[:ncols].detach().float().cpu(),
+                         torch.full((max(0, ncols - len(images)), c, h, w), float(blank))]) for images in rows]
+    x = ((torch.cat(padded) - lo) / (hi - lo)).clamp(0, 1)         # (rows * ncols, C, H, W)
+    below = 0.0 if column_labels is None else 0.6
+    fig = Figure(figsize=(ncols * cell + 1.8, len(rows) * cell + below + (0.4 if title else 0.1)),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    grid = make_grid(x, nrow=ncols, pad_value=0.0 if c == 1 else 1.0)
+    if c == 1:
+        ax.imshow(grid[..., 0], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    pitch_y, pitch_x = h + 1, w + 1                                  # one pixel of padding per image
+    ax.set_yticks([1 + pitch_y * i + h / 2 - 0.5 for i in range(len(rows))], list(row_labels), fontsize=8)
+    if column_labels is not None:
+        ax.set_xticks([1 + pitch_x * j + w / 2 - 0.5 for j in range(ncols)], list(column_labels), fontsize=7,
+                      rotation=40, ha="right")
+    else:
+        ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if footer:
+        fig.text(0.5, 0.0, footer, ha="center", va="top", fontsize=7)
+    return fig
+
+
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(values) < window:
         return values

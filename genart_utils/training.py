@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -168,6 +169,57 @@ def train(step_fn: StepFn, batches: Iterable, steps: int, *, history: History | 
             if history.step % refresh_every == 0 or history.step == steps:
                 bar.set_postfix(_format_postfix(values), refresh=False)
     return history
+
+
+def train_for(seconds: float, run_until: Callable[[int], Any], *, first: int = 1,
+              max_steps: int | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Train for about ``seconds`` of wall-clock time, in chunks that resume one run.
+
+    ``run_until(total)`` must continue training up to step ``total`` (for instance
+    ``lambda total: train(step_fn, batches, total, history=history)``, which resumes from
+    ``history``). The first call trains to ``first`` steps; after each call the rate so far,
+    ``r = steps / elapsed``, aims the next total at nine tenths of the time left:
+
+    .. math:: \\text{next} = \\text{steps} + \\lfloor 0.9\\,(\\text{seconds} - \\text{elapsed})\\, r \\rfloor,
+
+    and training stops when that adds less than one step (less than about one step's time
+    is left) or when ``max_steps`` is reached. So at a steady rate the run ends within about
+    one step's time of the budget, never far past it; the time of the first chunk is spent
+    whatever ``seconds`` is. An elapsed time of zero (a clock too coarse to see a chunk)
+    doubles the total.
+
+    Args:
+        seconds: the wall-clock budget, a positive finite number.
+        run_until: trains up to the given total number of steps.
+        first: the first total, a positive int (a few steps measure the rate better than one
+            when a step's time varies).
+        max_steps: an optional cap on the total number of steps.
+        clock: returns the time in seconds; ``time.perf_counter`` by default (tests pass a
+            fake one).
+
+    Returns:
+        ``{"steps": total steps trained, "seconds": elapsed time}``.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise ValueError(f"seconds must be a positive finite number of seconds, got {seconds!r}")
+    if not callable(run_until):
+        raise TypeError(f"run_until must be a function that trains up to a total number of steps, "
+                        f"got {type(run_until).__name__}")
+    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+        raise ValueError(f"first must be a positive int (the steps of the first chunk), got {first!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < first):
+        raise ValueError(f"max_steps must be None or an int of at least first={first}, got {max_steps!r}")
+    start, target = clock(), first
+    while True:
+        run_until(target)
+        steps, spent = target, clock() - start
+        if max_steps is not None and steps >= max_steps:
+            return {"steps": steps, "seconds": spent}
+        more = steps if spent <= 0 else int(0.9 * (seconds - spent) * steps / spent)
+        if more < 1:
+            return {"steps": steps, "seconds": spent}
+        target = steps + more if max_steps is None else min(steps + more, max_steps)
 
 
 def layer_shapes(model: nn.Module, inputs: torch.Tensor | tuple, parts: Mapping[str, nn.Module]

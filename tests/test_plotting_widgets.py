@@ -70,3 +70,47 @@ def test_explore_draws_static_figure_first_and_redraws_on_change(monkeypatch):
     assert isinstance(panel, ipywidgets.VBox) and "run this notebook" in repr(panel)
     with pytest.raises(ValueError, match="at least one control"):
         widgets.explore(plot, {})
+
+
+def test_labelled_grid_labels_every_row_and_column():
+    rows = {"first": torch.rand(3, 3, 8, 8), "second": torch.rand(5, 3, 8, 8)}
+    fig = plotting.labelled_grid(rows, title="t", footer="made with care")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["first", "second"]
+    assert ax.get_xticks().size == 0 and ax.get_title() == "t"
+    assert [t.get_text() for t in fig.texts] == ["made with care"]
+    image = ax.get_images()[0].get_array()
+    assert image.shape == (2 * 9 + 1, 5 * 9 + 1, 3)                 # 2 rows, the longest row's 5 columns
+    assert np.all(image[1:9, 28:45] == 1.0)                          # the short first row is padded with white
+    assert not np.all(image[10:18, 28:45] == 1.0)                    # the second row is not
+    np.testing.assert_allclose(image[1:9, 1:9], rows["first"][0].permute(1, 2, 0).numpy())
+    # Row label ticks sit at the centres of the rows.
+    np.testing.assert_allclose(ax.get_yticks(), [1 + 3.5, 10 + 3.5])
+
+    blocks = torch.rand(2, 4, 1, 6, 6)                                # (rows, columns, C, H, W), grey
+    fig = plotting.labelled_grid(blocks, ["a", "b"], column_labels=["w", "x", "", "z"], ncols=4)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["w", "x", "", "z"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    assert plotting.labelled_grid([torch.rand(6, 3, 4, 4)], ["cut"], ncols=2).axes[0].get_images()[0] \
+        .get_array().shape == (1 * 5 + 1, 2 * 5 + 1, 3)
+
+
+def test_labelled_grid_refuses_mismatched_labels_and_shapes():
+    two_rows = [torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)]
+    with pytest.raises(ValueError, match="one row label per row: 2 rows, 1 labels"):
+        plotting.labelled_grid(two_rows, ["only one"])
+    with pytest.raises(ValueError, match="one row label per row: 2 rows, none"):
+        plotting.labelled_grid(two_rows)
+    with pytest.raises(ValueError, match="one column label per column.*2 columns, 3 labels"):
+        plotting.labelled_grid(two_rows, ["a", "b"], column_labels=["x", "y", "z"])
+    with pytest.raises(ValueError, match="keys are the row labels"):
+        plotting.labelled_grid({"a": two_rows[0]}, ["a"])
+    with pytest.raises(ValueError, match="row 1 has \\(1, 4, 4\\)"):
+        plotting.labelled_grid([torch.rand(2, 3, 4, 4), torch.rand(2, 1, 4, 4)], ["a", "b"])
+    with pytest.raises(ValueError, match="row 0 must be a non-empty"):
+        plotting.labelled_grid([torch.rand(3, 4, 4)], ["a"])
+    with pytest.raises(ValueError, match="rows, columns, C, H, W"):
+        plotting.labelled_grid(torch.rand(2, 3, 4, 4), ["a", "b"])
+    with pytest.raises(ValueError, match="no rows"):
+        plotting.labelled_grid({})

@@ -358,3 +358,53 @@ def test_save_checks_the_config_too_and_accepts_plain_values(tmp_path):
     training.save_checkpoint(tmp_path / "c.pt", {}, config={"root": "/data"}, extra=plain)
     loaded = training.load_checkpoint(tmp_path / "c.pt").extra
     assert loaded.keys() == plain.keys() and loaded["nested"][0] == (1, 2.0)
+
+
+class _FakeRun:
+    """A run whose steps each take `step_seconds` on a fake clock; records every total asked for."""
+
+    def __init__(self, step_seconds):
+        self.now, self.done, self.totals, self.step_seconds = 0.0, 0, [], step_seconds
+
+    def clock(self):
+        return self.now
+
+    def run_until(self, total):
+        self.totals.append(total)
+        self.now += (total - self.done) * self.step_seconds
+        self.done = total
+
+
+@pytest.mark.parametrize("budget, step_seconds", [(10.0, 0.1), (3.0, 0.007), (1.0, 0.4)])
+def test_train_for_ends_within_one_step_of_the_budget(budget, step_seconds):
+    fake = _FakeRun(step_seconds)
+    result = training.train_for(budget, fake.run_until, clock=fake.clock)
+    assert result == {"steps": fake.done, "seconds": fake.now}
+    assert fake.totals == sorted(set(fake.totals)) and fake.totals[0] == 1       # one run, resumed, growing
+    # At a steady rate each chunk aims at 9/10 of the time left: never past the budget
+    # (unless the first step alone is), and it stops when less than ~one step's time is left.
+    assert fake.now <= max(budget, step_seconds) + 1e-9
+    assert budget - fake.now < step_seconds / 0.9 + 1e-9
+
+
+def test_train_for_stops_at_the_step_budget_and_resumes_from_first():
+    fake = _FakeRun(1e-6)
+    result = training.train_for(60.0, fake.run_until, first=5, max_steps=40, clock=fake.clock)
+    assert result["steps"] == 40 and fake.totals[0] == 5 and max(fake.totals) == 40
+    frozen = _FakeRun(0.0)                  # a clock that never moves: totals double up to the cap
+    assert training.train_for(1.0, frozen.run_until, max_steps=10, clock=frozen.clock)["steps"] == 10
+    assert frozen.totals == [1, 2, 4, 8, 10]
+
+
+def test_train_for_refuses_bad_input():
+    fake = _FakeRun(0.1)
+    for seconds in (0, -1.0, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="seconds must be a positive finite number"):
+            training.train_for(seconds, fake.run_until, clock=fake.clock)
+    with pytest.raises(TypeError, match="run_until must be a function"):
+        training.train_for(1.0, 100)
+    with pytest.raises(ValueError, match="first must be a positive int"):
+        training.train_for(1.0, fake.run_until, first=0)
+    with pytest.raises(ValueError, match="max_steps must be None or an int of at least first=3"):
+        training.train_for(1.0, fake.run_until, first=3, max_steps=2)
+    assert fake.totals == []                 # nothing trained on bad input
