@@ -12,7 +12,17 @@ For each model size of the notebook's profiles (cpu; gpu only when CUDA is avail
 
 The sizes are ``gpt.FOLK_SIZES``, the dict the notebook reads.
 
+With ``--sampling``, it measures instead how fast the music-token model of
+notebooks/07b_tunes_that_scan samples tunes, with and without the metre constraint
+(``gpt.generate_texts(..., constrain=...)``): the notebook's model (``gpt.SCAN_SIZES``,
+``gpt.matched_music_vocab``, loaded from the checkpoint the notebook writes, or trained
+with the notebook's recipe if it is missing, which takes as long as in the notebook), its
+prompts (headers of validation tunes with a metre) and lengths, at temperature 1. It
+reports tunes and tokens per second and the 1-minute load average before and after
+(the constraint runs in Python on one core, so other work on the machine slows it).
+
     .venv/bin/python benchmarks/bench_gpt.py [--budget 120] [--configs cpu,gpu] [--threads N] [--max-order N]
+    .venv/bin/python benchmarks/bench_gpt.py --sampling [--configs cpu] [--threads 1] [--n-tunes 100]
 
 Prints one JSON line per config; figures are measured, never asserted.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -97,6 +108,49 @@ def run_config(name: str, corpus: text.Corpus, budget: float, device: torch.devi
     }
 
 
+def run_sampling(name: str, corpus: text.Corpus, n_tunes: int | None, device: torch.device) -> list[dict]:
+    """Tunes per second of the notebook 07b music-token model, without and with the constraint."""
+    from genart_utils import music
+
+    sizes, scan = gpt.FOLK_SIZES[name], gpt.SCAN_SIZES[name]
+    char_config = gpt.GPTConfig(vocab_size=corpus.vocab.size, block_size=sizes["block_size"],
+                                n_layer=sizes["n_layer"], n_head=sizes["n_head"], n_embd=sizes["n_embd"],
+                                attention="sdpa", seed=0)
+    vocab, config = gpt.matched_music_vocab(corpus.train, char_config, scan["music_n_embd"])
+    monitor = "\n".join(corpus.valid[:: sizes["monitor_every"]])
+    trained = gpt.train_folk_model(vocab, corpus.text("train"), monitor, config,
+                                   gpt.folk_train_config(sizes, config.n_embd),
+                                   name=f"gpt_folk_music_{name}.pt", eval_every=sizes["eval_every"],
+                                   device=device, progress=False)
+    with_metre = []
+    for tune in corpus.valid:
+        fields, _ = music.split_header(tune)
+        try:
+            if music.parse_metre(fields.get("M", "none")) is not None:
+                with_metre.append(f"M:{fields['M']}\nL:{fields['L']}\nK:{fields['K']}\n")
+        except ValueError:
+            continue
+    n = n_tunes or scan["n_tunes"]
+    prompts = with_metre[:: max(1, len(with_metre) // n)][:n]
+    rows = []
+    for constrain in (False, True):
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        texts = gpt.generate_texts(trained.model, vocab, prompts, scan["max_new_tokens"], temperature=1.0,
+                                   seed=0, constrain=constrain)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(vocab.encode(t)) for t in texts)
+        rows.append({
+            "benchmark": "sampling", "config": name, "device": str(device), "threads": torch.get_num_threads(),
+            "constrain": constrain, "tunes": len(prompts), "max_new_tokens": scan["max_new_tokens"],
+            "seconds": round(seconds, 2), "tunes_per_s": round(len(prompts) / seconds, 2),
+            "tokens_per_s": round(tokens / seconds), "params": gpt.num_parameters(trained.model),
+            "model_loaded": trained.loaded, "load_1min_before": round(load_before, 2),
+            "load_1min_after": round(os.getloadavg()[0], 2),
+        })
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds per config")
@@ -104,6 +158,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-order", type=int, default=None,
                         help="highest n-gram order of the baseline (default: the profiles' max_order)")
+    parser.add_argument("--sampling", action="store_true",
+                        help="measure tunes per second with and without the metre constraint instead")
+    parser.add_argument("--n-tunes", type=int, default=None,
+                        help="with --sampling: prompts per condition (default: the profile's n_tunes)")
     args = parser.parse_args()
     names = [name.strip() for name in args.configs.split(",")]
     unknown = [name for name in names if name not in SIZES]
@@ -115,6 +173,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     runtime.seed_everything(0)
     corpus = text.load_corpus("folk", valid_fraction=0.05, seed=0)
+    if args.sampling:
+        common = {"genart_utils": __version__, "torch": torch.__version__, "python": platform.python_version()}
+        for name in names:
+            if name == "gpu" and not torch.cuda.is_available():
+                print(json.dumps({"benchmark": "sampling", "config": "gpu", "skipped": "CUDA is not available",
+                                  **common}))
+                continue
+            device = torch.device("cuda") if name == "gpu" else torch.device("cpu")
+            for row in run_sampling(name, corpus, args.n_tunes, device):
+                print(json.dumps({**row, **common}), flush=True)
+        return
     max_order = args.max_order or max(SIZES[name]["max_order"] for name in names)
     order, ngram_bits = best_ngram_bits(corpus.ids("train"), corpus.ids("valid"), corpus.vocab.size,
                                         max_order)

@@ -23,6 +23,7 @@ device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime, sampling
+from . import runtime, sampling, training
 
 
 def _compiling() -> bool:
@@ -118,6 +119,18 @@ FOLK_SIZES = {
 """The sizes of notebooks/07_gpt_folk_tunes.ipynb for each execution profile (the only thing
 that changes between profiles): ``cfg = runtime.profile_config(**gpt.FOLK_SIZES)``; the
 benchmarks import the same dict."""
+
+SCAN_SIZES = {
+    "smoke": dict(music_n_embd=56, n_tunes=6, max_new_chars=120, max_new_tokens=90),
+    "cpu": dict(music_n_embd=88, n_tunes=100, max_new_chars=300, max_new_tokens=216),
+    "gpu": dict(music_n_embd=248, n_tunes=200, max_new_chars=500, max_new_tokens=360),
+}
+"""The extra sizes of notebooks/07b_tunes_that_scan.ipynb for each profile; the models
+themselves use :data:`FOLK_SIZES` (the character model is notebook 07's recipe), the model
+on music tokens the width ``music_n_embd`` (chosen so that the two models have about the
+same number of parameters). ``n_tunes`` prompts are sampled per condition, each continued by
+up to ``max_new_chars`` characters (character model) or ``max_new_tokens`` tokens (music
+tokens, about as many characters)."""
 
 
 # ------------------------------------------------------------------------ attention
@@ -617,28 +630,51 @@ def cached_next_log_probs_fn(model: GPT, amp: bool = True):
 
 def generate_texts(model: GPT, vocab, prompts: Sequence[str], max_new_tokens: int, *,
                    stop: str | None = "\n\n", temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, seed: int = 0, amp: bool = True) -> list[str]:
+                   top_p: float | None = None, seed: int = 0, amp: bool = True, constrain: bool = False,
+                   return_log_kept: bool = False) -> list[str] | tuple[list[str], list[float]]:
     """Continue each prompt with :func:`generate`; return the continuations (without the
     prompt), each cut just after the first ``stop`` (for ABC, the blank line ending a tune).
 
-    ``vocab`` is a :class:`genart_utils.text.CharVocab`. Prompts of the same length are
-    generated together as one batch; all draws come from one ``torch.Generator`` seeded with
-    ``seed``, so the same call always returns the same texts.
+    ``vocab`` is a :class:`genart_utils.text.CharVocab` or
+    :class:`genart_utils.text.MusicVocab`. Prompts that encode to the same number of tokens
+    are generated together as one batch; all draws come from one ``torch.Generator`` seeded
+    with ``seed``, so the same call always returns the same texts.
+
+    With ``constrain``, every step is drawn under a
+    :class:`genart_utils.sampling.MetreConstraint` (each prompt must then hold an ``M:``
+    header line), through :func:`genart_utils.sampling.generate` with this model's cached
+    next-token function; without it, the draws are exactly those of :func:`generate`.
+    With ``return_log_kept``, the result is ``(texts, log_kept)``, where ``log_kept[i]`` is
+    the sum over the steps of the log of the probability mass the constraint kept, in nats
+    (0.0 without the constraint).
     """
     generator = torch.Generator().manual_seed(operator.index(seed))   # NumPy ints too
+    encoded = [vocab.encode(p) for p in prompts]
     by_length: dict[int, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
     stop_ids = vocab.encode(stop).tolist() if stop else None
     out: list[str] = [""] * len(prompts)
+    kept: list[float] = [0.0] * len(prompts)
     for length in sorted(by_length):
         rows = by_length[length]
-        batch = torch.stack([vocab.encode(prompts[i]) for i in rows])              # (b, T0)
-        seqs = generate(model, batch, max_new_tokens, temperature, top_k, top_p, generator,
-                        stop=stop_ids, amp=amp)
-        for i, seq in zip(rows, seqs):
-            out[i] = _cut(vocab.decode(seq[length:]), stop)
-    return out
+        batch = torch.stack([encoded[i] for i in rows])                           # (b, T0)
+        if constrain:
+            _check_int("max_new_tokens", max_new_tokens, 0)
+            constraint = sampling.MetreConstraint(vocab.token_texts, [prompts[i] for i in rows])
+            result = sampling.generate(cached_next_log_probs_fn(model, amp), batch, max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p,
+                                       generator=generator, stop=stop_ids, constraint=constraint)
+            for r, i in enumerate(rows):
+                n = int(result.n_steps[r])
+                out[i] = _cut(vocab.decode(result.sequences[r, length:length + n]), stop)
+                kept[i] = float(result.log_kept[r])
+        else:
+            seqs = generate(model, batch, max_new_tokens, temperature, top_k, top_p, generator,
+                            stop=stop_ids, amp=amp)
+            for i, seq in zip(rows, seqs):
+                out[i] = _cut(vocab.decode(seq[length:]), stop)
+    return (out, kept) if return_log_kept else out
 
 
 def beam_search_texts(model: GPT, vocab, prompts: Sequence[str], steps: int, beam_width: int, *,
@@ -657,3 +693,151 @@ def _cut(text: str, stop: str | None) -> str:
     if stop and stop in text:
         return text[:text.index(stop) + len(stop)]
     return text
+
+
+# ------------------------------------------------------------------------ train once, then load
+
+
+def folk_train_config(sizes: dict, width: int, seed: int = 0) -> TrainConfig:
+    """Notebook 07's training recipe for a model of width ``width`` (``C``): ``sizes["steps"]``
+    steps of ``sizes["batch_size"]`` windows, peak learning rate ``0.75 / C`` (the book's
+    choice, not tuned), decaying to a tenth of it, warm-up over the first 5% of the steps."""
+    peak_lr = 0.75 / width
+    return TrainConfig(steps=sizes["steps"], batch_size=sizes["batch_size"], lr=peak_lr, min_lr=peak_lr / 10,
+                       warmup_steps=max(1, sizes["steps"] // 20), seed=seed)
+
+
+def matched_music_vocab(train_texts: Sequence[str], reference: GPTConfig, width: int,
+                        min_count: int = 2):
+    """A :class:`~genart_utils.text.MusicVocab` of ``train_texts`` and a config of width
+    ``width`` (otherwise ``reference``'s shape) whose parameter count is as close as the
+    vocabulary allows to that of ``reference``.
+
+    A GPT has ``n_layer (12 C^2 + 13 C) + (|V| + T_max) C + 2C`` parameters, so each token
+    costs ``C``; the vocabulary keeps every character and the 256 byte tokens, and as many of
+    the most frequent longer pieces (seen at least ``min_count`` times) as the budget allows.
+
+    Returns:
+        ``(vocab, config)``.
+    """
+    from . import text as text_module
+
+    _check_int("width", width, 1)
+    full = text_module.MusicVocab.from_texts(train_texts, min_count=min_count)
+    n_single = sum(len(t) == 1 for t in full.tokens)
+    shape = dataclasses.replace(reference, vocab_size=1, n_embd=width)
+    body = num_parameters(GPT(shape)) - width                   # everything but the token table
+    target = round((num_parameters(GPT(reference)) - body) / width)
+    n_pieces = min(len(full.tokens) - n_single, max(0, target - n_single - 256))
+    vocab = text_module.MusicVocab.from_texts(train_texts, min_count=min_count, max_pieces=n_pieces)
+    return vocab, dataclasses.replace(shape, vocab_size=vocab.size)
+
+
+
+@dataclass(frozen=True)
+class FolkModel:
+    """What :func:`train_folk_model` returns."""
+
+    model: GPT                   # the best weights by monitored validation, in eval mode
+    history: Any                 # training.History: batch losses and monitored valid_bits
+    seconds: float               # wall time of the training run (as measured when it ran)
+    path: Any                    # pathlib.Path of the checkpoint
+    loaded: bool                 # True when the checkpoint was loaded instead of trained
+
+
+def _fingerprint(*texts: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def chars_scored(vocab, text_: str) -> int:
+    """The characters whose tokens :func:`token_log_probs` scores in ``text_``: all but those
+    of the first token (which has no context)."""
+    first = vocab.decode(vocab.encode(text_)[:1])
+    return len(text_) - len(first)
+
+
+def bits_per_char(model: GPT, vocab, text_: str, batch_size: int = 64) -> float:
+    r"""Bits per character of ``text_`` under ``model`` for either tokeniser:
+    :math:`-\sum_i \log_2 p(x_i \mid x_{<i}) / n_\text{chars}`, the total cost of the tokens
+    (all but the first) divided by the characters they spell (:func:`chars_scored`)."""
+    lp = token_log_probs(model, vocab.encode(text_), batch_size=batch_size)
+    return float(-lp.sum() / math.log(2) / chars_scored(vocab, text_))
+
+
+def train_folk_model(vocab, train_text: str, monitor_text: str, model_config: GPTConfig,
+                     train_config: TrainConfig, *, name: str, eval_every: int,
+                     device: torch.device | str | None = None, progress: bool = True,
+                     retrain: bool = False) -> FolkModel:
+    """Train a GPT on ``train_text`` with notebook 07's recipe, or load it if it was trained.
+
+    The recipe: AdamW (:func:`configure_optimizer`), the warm-up and cosine schedule of
+    :func:`make_scheduler`, gradient clipping, batches of random windows of the token
+    stream (:func:`genart_utils.text.random_windows` with ``train_config.seed``); every
+    ``eval_every`` steps the bits per character of ``monitor_text`` (:func:`bits_per_char`)
+    are logged as ``valid_bits`` and :func:`genart_utils.training.keep_best` saves the
+    weights when they are the best so far. At the end the best weights are reloaded and
+    saved again, atomically, with the history, the training time and what they were trained
+    on, in the checkpoint ``name`` (:func:`genart_utils.training.checkpoint_path`).
+
+    If that checkpoint exists, finished, and was trained with the same model config, train
+    config, ``eval_every``, vocabulary and texts, it is loaded (``weights_only=True``)
+    instead, unless ``retrain``. ``vocab`` is a :class:`~genart_utils.text.CharVocab` or a
+    :class:`~genart_utils.text.MusicVocab`; its size must be ``model_config.vocab_size``.
+    """
+    from . import text as text_module
+
+    if model_config.vocab_size != vocab.size:
+        raise ValueError(f"model_config.vocab_size ({model_config.vocab_size}) is not the size of the "
+                         f"vocabulary ({vocab.size}); build the config with vocab_size=vocab.size")
+    _check_int("eval_every", eval_every, 1)
+    device = runtime.get_device() if device is None else torch.device(device)
+    path = training.checkpoint_path(name)
+    key = {"train_config": dataclasses.asdict(train_config), "eval_every": int(eval_every),
+           "vocab": list(vocab.token_texts), "data": _fingerprint(train_text, monitor_text)}
+    model = GPT(model_config).to(device)
+    if path.is_file() and not retrain:
+        try:
+            checkpoint = training.load_checkpoint(path, {"model": model}, config_type=GPTConfig,
+                                                  map_location=device)
+            if checkpoint.config == model_config and checkpoint.extra.get("complete") \
+                    and all(checkpoint.extra.get(k) == v for k, v in key.items()):
+                return FolkModel(model.eval(), checkpoint.history, float(checkpoint.extra["seconds"]),
+                                 path, True)
+        except (training.CheckpointError, TypeError, KeyError):
+            pass                                  # another run's file: train and replace it
+        model = GPT(model_config).to(device)      # fresh weights, as if nothing had been loaded
+    train_ids = vocab.encode(train_text)
+    monitor = monitor_text
+
+    optimizer = configure_optimizer(model, train_config)
+    step = make_train_step(maybe_compile(model, device), optimizer, device=device,
+                           scheduler=make_scheduler(optimizer, train_config),
+                           grad_clip=train_config.grad_clip)
+
+    def validate(step_number: int, history) -> None:
+        history.log(step_number, {"valid_bits": bits_per_char(model, vocab, monitor)})
+
+    callbacks = [training.every(eval_every, validate),
+                 training.keep_best(path, {"model": model}, "valid_bits", config=model_config,
+                                    extra={**key, "complete": False})]
+    batches = text_module.random_windows(train_ids, model_config.block_size, train_config.batch_size,
+                                         seed=train_config.seed)
+    with runtime.timer() as clock:
+        history = training.train(step, batches, train_config.steps, callbacks=callbacks,
+                                 progress=progress, desc=f"GPT {name}")
+    if "valid_bits" not in history.records:     # fewer steps than eval_every: keep the last weights
+        validate(history.step, history)
+        training.save_checkpoint(path, {"model": model}, config=model_config, history=history,
+                                 extra={**key, "complete": False, "step": history.step})
+    best = GPT(model_config).to(device)
+    saved = training.load_checkpoint(path, {"model": best}, config_type=GPTConfig, map_location=device)
+    training.save_checkpoint(path, {"model": best}, config=model_config, history=history,
+                             extra={**key, "complete": True, "seconds": float(clock["seconds"]),
+                                    "step": int(saved.extra["step"])})
+    return FolkModel(best.eval(), history, float(clock["seconds"]), path, False)

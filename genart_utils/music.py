@@ -1163,8 +1163,11 @@ class BarTracker:
     reads the rest of the line as a field), fields other than valid ``M:``, ``L:`` and
     ``K:`` lines, fields in the middle of a bar, inline fields such as ``[M:3/4]``, a line
     break inside ``"..."``, ``[...]`` or ``{...}``, anything but notes inside ``[...]`` and
-    ``{...}``, constructs longer than the corpus's (24, 16 and 16 characters), and
-    non-ASCII text. Text cut inside an open ``"...`` or ``[...`` is unreadable, not out of
+    ``{...}``, constructs longer than the corpus's (24, 16 and 16 characters), a ``}``
+    that closes nothing, a ``{`` inside ``{...}`` and a brace inside ``"..."`` (the check
+    counts braces), a ``"`` that opens a chord symbol or annotation unless the same piece
+    closes it (so a music token such as ``"G"`` may be written, a character model writes
+    none, and a tune cut off by a length limit never has one open), and non-ASCII text. Text cut inside an open ``"...`` or ``[...`` is unreadable, not out of
     time.
 
     Args:
@@ -1291,6 +1294,8 @@ class BarTracker:
         """May ``piece`` come next? (See the class description for the rules.)"""
         if piece is None or piece == "" or not piece.isascii() or "!" in piece or "%" in piece:
             return False
+        if '"' in piece and (piece.count('"') % 2 == 1) != (self._open_constructs(self._line)[0] == '"'):
+            return False                  # quotes only in whole pairs: a cut tune has none left open
         if not self._grammar_allows(piece):
             return False
         window, line = self._append_to(self._window, self._line, piece)
@@ -1307,6 +1312,8 @@ class BarTracker:
             opened, dangling, size = self._open_constructs(line)
             field = _FIELD_START.match(line)
             after_accidental = opened != '"' and not field and line.endswith(("^", "_", "="))
+            if c in "{}" and not field and (opened == '"' or (c == "}") != (opened == "{")):
+                return False                                  # braces must pair up (check_tune counts them)
             if after_accidental:                              # a pitch must follow (or ^^, __)
                 if not (c in "ABCDEFGabcdefg" or (c in "^_" and line[-1] == c and line[-2:-1] != c
                                                   and not (opened and size >= _LONGEST[opened]))):

@@ -270,3 +270,110 @@ def test_dropout_noise_comes_from_the_generator():
     torch.manual_seed(99)
     assert losses(1) == a                                # same generator, same masks, same losses
     assert losses(2) != a
+
+
+# ------------------------------------------------------------------------ train once, then load
+
+FOLK_TEXTS = ["M:2/4\nL:1/8\nK:G\nB2 A2|G4|d2 B2|A4|]\n", "M:3/4\nL:1/8\nK:D\nA2 F2 D2|E6|]\n"] * 6
+
+
+def _folk_setup(vocab):
+    train_text = "\n".join(FOLK_TEXTS)
+    config = gpt.GPTConfig(vocab_size=vocab.size, block_size=16, n_layer=1, n_head=2, n_embd=8, seed=3)
+    train_config = gpt.TrainConfig(steps=12, batch_size=4, lr=0.02, min_lr=0.002, warmup_steps=2, seed=1)
+    return train_text, FOLK_TEXTS[0], config, train_config
+
+
+@pytest.mark.parametrize("tokeniser", ["chars", "music"])
+def test_train_folk_model_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch, tokeniser):
+    monkeypatch.setenv("GENART_CHECKPOINTS", str(tmp_path))
+    vocab = (text.CharVocab.from_texts(*FOLK_TEXTS) if tokeniser == "chars"
+             else text.MusicVocab.from_texts(FOLK_TEXTS, min_count=2))
+    train_text, monitor, config, train_config = _folk_setup(vocab)
+    first = gpt.train_folk_model(vocab, train_text, monitor, config, train_config, name="folk.pt",
+                                 eval_every=4, device="cpu", progress=False)
+    assert not first.loaded and first.history.step == 12 and first.seconds > 0
+    steps, bits = first.history.series("valid_bits")
+    assert list(steps) == [4, 8, 12]
+    # the returned weights are the best monitored ones: their bits per character are the minimum
+    assert gpt.bits_per_char(first.model, vocab, monitor) == pytest.approx(min(bits), rel=1e-6)
+    second = gpt.train_folk_model(vocab, train_text, monitor, config, train_config, name="folk.pt",
+                                  eval_every=4, device="cpu", progress=False)
+    assert second.loaded and second.seconds == first.seconds
+    assert second.history.to_dict() == first.history.to_dict()
+    for (k, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # training again from scratch gives exactly the same weights (seeded init and batches)
+    third = gpt.train_folk_model(vocab, train_text, monitor, config, train_config, name="folk.pt",
+                                 eval_every=4, device="cpu", progress=False, retrain=True)
+    assert not third.loaded
+    for a, b in zip(first.model.state_dict().values(), third.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_train_folk_model_retrains_when_anything_it_was_trained_with_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENART_CHECKPOINTS", str(tmp_path))
+    vocab = text.CharVocab.from_texts(*FOLK_TEXTS)
+    train_text, monitor, config, train_config = _folk_setup(vocab)
+    kwargs = dict(name="folk.pt", eval_every=4, device="cpu", progress=False)
+    gpt.train_folk_model(vocab, train_text, monitor, config, train_config, **kwargs)
+    changed = [
+        (train_text, monitor, config, dataclasses.replace(train_config, seed=2)),
+        (train_text, monitor, dataclasses.replace(config, seed=4), train_config),
+        (train_text + "\nM:2/4\nL:1/8\nK:G\nB2 A2|G4|]\n", monitor, config, train_config),
+    ]
+    for args in changed:
+        result = gpt.train_folk_model(vocab, *args, **kwargs)
+        assert not result.loaded
+        gpt.train_folk_model(vocab, train_text, monitor, config, train_config, **kwargs)   # back to the original
+    with pytest.raises(ValueError, match="vocab_size"):
+        gpt.train_folk_model(vocab, train_text, monitor, dataclasses.replace(config, vocab_size=3), train_config,
+                             **kwargs)
+
+
+def test_bits_per_char_is_the_same_measure_for_both_tokenisers():
+    """For characters it is evaluate_nll in bits; for music tokens the total cost over the characters."""
+    chars = text.CharVocab.from_texts(*FOLK_TEXTS)
+    model = gpt.GPT(dataclasses.replace(TINY, vocab_size=chars.size, block_size=64)).eval()
+    sample = FOLK_TEXTS[0] + FOLK_TEXTS[1]
+    assert gpt.bits_per_char(model, chars, sample) == pytest.approx(
+        text.bits_per_char(gpt.evaluate_nll(model, chars.encode(sample))), rel=1e-9)
+    notes = text.MusicVocab.from_texts(FOLK_TEXTS, min_count=2)
+    music_model = gpt.GPT(dataclasses.replace(TINY, vocab_size=notes.size, block_size=64)).eval()
+    lp = gpt.token_log_probs(music_model, notes.encode(sample))
+    first = notes.decode(notes.encode(sample)[:1])
+    assert gpt.bits_per_char(music_model, notes, sample) == pytest.approx(
+        float(-lp.sum()) / math.log(2) / (len(sample) - len(first)), rel=1e-9)
+
+
+def test_generate_texts_with_music_tokens_and_the_constraint():
+    notes = text.MusicVocab.from_texts(FOLK_TEXTS, min_count=2)
+    model = gpt.GPT(dataclasses.replace(TINY, vocab_size=notes.size, block_size=64)).eval()
+    prompts = ["M:2/4\nL:1/8\nK:G\n", "M:3/4\nL:1/8\nK:D\n", "M:2/4\nL:1/8\nK:Dmix\n"]   # the last: 2 more tokens
+    assert len({len(notes.encode(p)) for p in prompts}) == 2
+    free = gpt.generate_texts(model, notes, prompts, 20, seed=0)
+    again, kept = gpt.generate_texts(model, notes, prompts, 20, seed=0, return_log_kept=True)
+    assert free == again and kept == [0.0, 0.0, 0.0]
+    from genart_utils import music
+    texts, kept = gpt.generate_texts(model, notes, prompts, 40, seed=0, constrain=True, return_log_kept=True)
+    assert all(k <= 0 for k in kept) and any(k < 0 for k in kept)
+    for prompt, body in zip(prompts, texts):
+        tracker = music.BarTracker(prompt)
+        for piece in notes.split(body):      # every token the constraint let through keeps the bars in time
+            assert tracker.allows(piece), (prompt, body)
+            tracker.append(piece)
+
+
+def test_matched_music_vocab_matches_the_parameter_count_to_one_token():
+    reference = gpt.GPTConfig(vocab_size=103, block_size=16, n_layer=1, n_head=2, n_embd=12, seed=0)
+    texts = [f"M:2/4\nL:1/8\nK:G\n{a}2 {b}2|{c}4|]\n" for a in "ABCDEFG" for b in "abcdefg" for c in "GAB"] * 2
+    vocab, config = gpt.matched_music_vocab(texts, reference, width=8)
+    assert config.n_embd == 8 and config.vocab_size == vocab.size and config.n_layer == reference.n_layer
+    full = text.MusicVocab.from_texts(texts, min_count=2)
+    assert vocab.tokens == full.tokens[:len(vocab.tokens)]                # the most frequent pieces
+    n_ref, n_new = gpt.num_parameters(gpt.GPT(reference)), gpt.num_parameters(gpt.GPT(config))
+    n_single = sum(len(t) == 1 for t in full.tokens)
+    assert n_single < len(vocab.tokens) < len(full.tokens)                # some pieces kept, not all
+    assert abs(n_new - n_ref) <= config.n_embd / 2                        # the nearest count a token allows
+    tc = gpt.folk_train_config(gpt.FOLK_SIZES["cpu"], 96)
+    assert tc.lr == 0.75 / 96 and tc.min_lr == tc.lr / 10 and tc.warmup_steps == tc.steps // 20

@@ -432,3 +432,19 @@ def test_metre_and_unit_values():
             music.parse_metre(bad)
     # without L:, ABC's default unit: 1/16 below 3/4, else 1/8
     assert music.BarTracker("M:2/4\nK:G\n").unit == "1/16" and music.BarTracker("M:6/8\nK:G\n").unit == "1/8"
+
+
+def test_constraint_keeps_grace_braces_paired():
+    """check_tune fails a tune whose braces do not pair up, so the constraint never writes one."""
+    tracker = music.BarTracker("M:2/4\nL:1/8\nK:G\n")
+    assert not tracker.allows("}") and tracker.allows("{")
+    tracker.append("{")
+    assert not tracker.allows("{") and tracker.allows("g") and tracker.allows("}")
+    tracker.append("g}")
+    assert not tracker.allows("}") and tracker.allows('"G"')
+    assert not tracker.allows('"{"') and not tracker.allows('"}"')        # a brace inside a chord symbol
+
+
+def test_constraint_writes_quotes_only_in_whole_pairs():
+    tracker = music.BarTracker("M:2/4\nL:1/8\nK:G\n")
+    assert not tracker.allows('"') and tracker.allows('"G"') and not tracker.allows('"G"A"')
