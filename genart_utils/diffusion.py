@@ -18,7 +18,6 @@ conditional one and ``w > 1`` extrapolates past it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -231,13 +230,17 @@ class UNetConfig:
     heads: int = 1                  # attention heads
     groups: int = 8                 # group-norm groups (must divide every width)
     n_classes: int = 0              # class labels for conditioning (0: unconditional)
+    context_dim: int = 0            # width of the token states to cross-attend to (0: none)
     dropout: float = 0.0            # dropout inside residual blocks
     seed: int = 0                   # initial weights
 
     def __post_init__(self):
         runtime.check_fields(self, positive_ints=("image_size", "channels", "patch", "base", "blocks",
                                                   "heads", "groups"),
-                             nonneg_ints=("n_classes", "seed"), half_open_unit=("dropout",))
+                             nonneg_ints=("n_classes", "context_dim", "seed"), half_open_unit=("dropout",))
+        if self.n_classes and self.context_dim:
+            raise ValueError("UNetConfig: condition on class labels (n_classes) or on token states "
+                             "(context_dim), not both; set the other to 0")
         size = self.image_size
         if size & (size - 1):
             raise ValueError(f"UNetConfig.image_size must be a power of two, got {size}")
@@ -307,6 +310,35 @@ class SelfAttention2d(nn.Module):
         return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class CrossAttention2d(nn.Module):
+    r"""Multi-head cross-attention from the ``H * W`` positions of a feature map (queries) to
+    the ``L`` states of a token sequence (keys and values), with a residual connection: each
+    pixel reads what it needs from the caption. For one head,
+
+    .. math:: \mathrm{out}_p = \sum_{j:\,m_j} \mathrm{softmax}_j\Big(\frac{q_p^\top k_j}{\sqrt d}\Big)\,v_j,
+              \qquad q = W_q\,\mathrm{GN}(h),\ k = W_k\,c,\ v = W_v\,c,
+
+    where the softmax runs over the tokens ``j`` that the mask ``m`` keeps (not padding).
+    This is how Stable Diffusion's U-Net reads its text encoder's token states."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q = self.q(self.norm(x)).reshape(b, self.heads, d, h * w).transpose(-1, -2)   # (B, heads, HW, d)
+        k, v = self.kv(context).reshape(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
+        keep = None if mask is None else mask[:, None, None, :].bool()                # (B, 1, 1, L)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep)
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
 class UNet(nn.Module):
     """``(B, C, S, S)`` noisy images in ``[-1, 1]``, ``(B,)`` 0-based steps and optional ``(B,)``
     labels -> predicted noise ``(B, C, S, S)``.
@@ -320,6 +352,11 @@ class UNet(nn.Module):
     With ``n_classes > 0`` the label's embedding is added to the time embedding; label
     ``n_classes`` (or ``labels=None``) is the "no label" token that classifier-free guidance
     trains by dropping labels.
+
+    With ``context_dim > 0`` every self-attention layer (at the resolutions in
+    ``attention_at`` and in the middle) is followed by a :class:`CrossAttention2d` to the
+    ``(B, L, context_dim)`` token states passed as ``context`` (with a ``(B, L)`` mask of the
+    tokens to attend to): the text conditioning of latent diffusion.
     """
 
     def __init__(self, config: UNetConfig = UNetConfig()):
@@ -341,12 +378,16 @@ class UNet(nn.Module):
         def attention(width, res):
             return SelfAttention2d(width, c.heads, c.groups) if res in c.attention_at else nn.Identity()
 
+        def with_cross(width, res):            # the cross-attention that follows an attention layer
+            return [CrossAttention2d(width, c.context_dim, c.heads, c.groups)] \
+                if c.context_dim and res in c.attention_at else []
+
         self.down = nn.ModuleList()
         skips, width, res = [c.base], c.base, c.image_size // c.patch
         for level, w in enumerate(widths):
             for _ in range(c.blocks):
                 self.down.append(nn.ModuleList([ResBlock(width, w, emb, c.groups, c.dropout),
-                                                attention(w, res)]))
+                                                attention(w, res), *with_cross(w, res)]))
                 width = w
                 skips.append(width)
             if level < len(widths) - 1:
@@ -356,11 +397,12 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList([ResBlock(width, width, emb, c.groups, c.dropout),
                                   SelfAttention2d(width, c.heads, c.groups),
                                   ResBlock(width, width, emb, c.groups, c.dropout)])
+        self.mid_cross = CrossAttention2d(width, c.context_dim, c.heads, c.groups) if c.context_dim else None
         self.up = nn.ModuleList()
         for level, w in reversed(list(enumerate(widths))):
             for _ in range(c.blocks + 1):
                 self.up.append(nn.ModuleList([ResBlock(width + skips.pop(), w, emb, c.groups, c.dropout),
-                                              attention(w, res)]))
+                                              attention(w, res), *with_cross(w, res)]))
                 width = w
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -369,8 +411,15 @@ class UNet(nn.Module):
         self.head = nn.Sequential(nn.GroupNorm(c.groups, width), nn.SiLU(),
                                   nn.Conv2d(width, pixels_in, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
+        if (context is None) != (not c.context_dim):
+            raise ValueError(f"this U-Net was built with context_dim={c.context_dim}: pass context "
+                             "(B, L, context_dim) token states exactly when context_dim > 0")
+        if context is not None and (context.ndim != 3 or context.shape[0] != len(x)
+                                    or context.shape[2] != c.context_dim):
+            raise ValueError(f"context must have shape ({len(x)}, L, {c.context_dim}), got {tuple(context.shape)}")
         if x.ndim != 4 or tuple(x.shape[1:]) != (c.channels, c.image_size, c.image_size):
             raise ValueError(f"the U-Net takes images of shape (B, {c.channels}, {c.image_size}, "
                              f"{c.image_size}), got {tuple(x.shape)}")
@@ -384,20 +433,22 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(labels)
         elif labels is not None:
             raise ValueError("this U-Net is unconditional (n_classes=0): call it without labels")
+        def level(layer, h):                  # residual block, attention, cross-attention
+            h = layer[1](layer[0](h, emb))
+            return layer[2](h, context, context_mask) if len(layer) == 3 else h
+
         h = self.stem(self.unshuffle(x))                                     # (B, base, S/p, S/p)
         skips = [h]
         for layer in self.down:
-            if isinstance(layer, nn.ModuleList):
-                block, attn = layer
-                h = attn(block(h, emb))
-            else:
-                h = layer(h)                                                # downsample
+            h = level(layer, h) if isinstance(layer, nn.ModuleList) else layer(h)   # or downsample
             skips.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        h = self.mid[1](self.mid[0](h, emb))
+        if self.mid_cross is not None:
+            h = self.mid_cross(h, context, context_mask)
+        h = self.mid[2](h, emb)
         for layer in self.up:
             if isinstance(layer, nn.ModuleList):
-                block, attn = layer
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+                h = level(layer, torch.cat([h, skips.pop()], dim=1))
             else:
                 h = layer(h)                                                # upsample
         return self.shuffle(self.head(h))
@@ -456,28 +507,12 @@ class VPrediction(nn.Module):
         self.register_buffer("alpha_bars", schedule.alpha_bars.float())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        v = self.net(x, t, labels)
+        v = self.net(x, t, labels) if labels is not None else self.net(x, t)
         ab = self.alpha_bars[t].to(v.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         return torch.sqrt(ab) * v + torch.sqrt(1 - ab) * x
 
 
-class EMA:
-    r"""An exponential moving average of a model's parameters, :math:`\bar\theta \leftarrow
-    d\,\bar\theta + (1 - d)\,\theta` after each step (buffers are copied): ``ema.model`` is
-    the averaged copy, the one to sample from and evaluate."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"the EMA decay must lie in [0, 1), got {decay}")
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for avg, p in zip(self.model.parameters(), model.parameters()):
-            avg.lerp_(p.detach(), 1 - self.decay)
-        for avg, b in zip(self.model.buffers(), model.buffers()):
-            avg.copy_(b)
+EMA = training.EMA     # the averaged weights; shared with the text-to-image parts
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: NoiseSchedule, *,
@@ -542,16 +577,24 @@ def guided_eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
     :math:`p_t(x)\,p_t(y \mid x)^w` (Bayes' rule: :math:`\nabla \log p_t(x \mid y) = \nabla\log
     p_t(x) + \nabla \log p_t(y \mid x)`). ``labels=None`` or ``guidance == 1`` costs one
     network call; other values evaluate both branches in one batch.
+
+    :math:`\varnothing` is the label ``n_classes`` of a class-conditional U-Net, or what the
+    model's (or its wrapped ``net``'s) ``null_condition(labels)`` returns, e.g. the empty
+    caption of a text-conditioned model.
     """
     if labels is None:
         return model(x_t, t)
     if guidance == 1:
         return model(x_t, t, labels)
+    null_condition = getattr(getattr(model, "net", model), "null_condition", None)
     n_classes = getattr(getattr(model, "config", None), "n_classes", 0)
-    if not n_classes:
-        raise ValueError(f"classifier-free guidance needs a class-conditional model (n_classes > 0); "
-                         f"{type(model).__name__} is unconditional: sample it without labels")
-    null = torch.full_like(labels, n_classes)
+    if null_condition is not None:
+        null = null_condition(labels)
+    elif n_classes:
+        null = torch.full_like(labels, n_classes)
+    else:
+        raise ValueError(f"classifier-free guidance needs a conditional model (n_classes > 0 or a "
+                         f"null_condition); {type(model).__name__} is unconditional: sample it without labels")
     eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
     eps_cond, eps_uncond = eps.chunk(2)
     return eps_uncond + guidance * (eps_cond - eps_uncond)
@@ -562,7 +605,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, m
            steps: int | None = None, eta: float = 0.0, labels: torch.Tensor | None = None,
            guidance: float = 1.0, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu", clip_x0: bool = True, trajectory: bool = False,
-           x_T: torch.Tensor | None = None):
+           x_T: torch.Tensor | None = None, to_images: bool = True):
     r"""Draw images ``shape = (B, C, H, W)`` in ``[0, 1]`` by running the reverse process.
 
     * ``method="ddpm"``: ancestral sampling over all ``T`` steps (``steps`` must be ``None``
@@ -582,7 +625,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, m
     recomputed from it. All noise, including :math:`x_T` (unless given as ``x_T`` in
     ``[-1, 1]``), comes from ``generator`` on the CPU. With ``trajectory=True`` returns
     ``(images, states)``, ``states`` the ``(steps + 1, B, C, H, W)`` visited :math:`x_t` mapped
-    to ``[0, 1]``, from :math:`x_T` to the result.
+    to ``[0, 1]``, from :math:`x_T` to the result. With ``to_images=False`` (for latents, with
+    ``clip_x0=False``) results and states are returned as they are, not mapped to ``[0, 1]``.
     """
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
@@ -605,7 +649,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, m
     x = x.to(device)
     was_training = model.training
     model.eval()
-    states = [from_model_range(x).cpu()] if trajectory else None
+    out = from_model_range if to_images else (lambda v: v)
+    states = [out(x).cpu()] if trajectory else None
     try:
         for i, t in enumerate(ts.tolist()):
             tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
@@ -627,10 +672,10 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, m
                 if var > 0:
                     x = x + math.sqrt(var) * torch.randn(x.shape, generator=generator).to(device)
             if trajectory:
-                states.append(from_model_range(x).cpu())
+                states.append(out(x).cpu())
     finally:
         model.train(was_training)
-    images = from_model_range(x).cpu()
+    images = out(x).cpu()
     return (images, torch.stack(states)) if trajectory else images
 
 
@@ -795,13 +840,7 @@ class DiffusionRecipe:
     seed: int = 0               # minibatch order, time steps and noise (weights: unet.seed)
 
     def __post_init__(self):
-        for name, kind in (("unet", UNetConfig), ("schedule", ScheduleConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):               # rebuilt from a checkpoint
-                value = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-                object.__setattr__(self, name, value)
-            if not isinstance(value, kind):
-                raise TypeError(f"DiffusionRecipe.{name} must be a {kind.__name__}, got {type(value).__name__}")
+        runtime.check_parts(self, unet=UNetConfig, schedule=ScheduleConfig)
         runtime.check_fields(self, positive_ints=("steps", "batch_size"), nonneg_ints=("warmup", "seed"),
                              positive_floats=("lr", "grad_clip"), half_open_unit=("ema_decay",),
                              unit_interval=("label_dropout",), choices={"prediction": LOSS_WEIGHTINGS})

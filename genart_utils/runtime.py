@@ -196,6 +196,23 @@ def check_fields(obj: Any, *, positive_ints: Iterable[str] = (), nonneg_ints: It
                              f"got {value!r}; fix the {name}=... argument of {cls}(...)")
 
 
+def check_parts(obj: Any, **parts: type) -> None:
+    """Check the nested config fields of a recipe dataclass; call it from ``__post_init__``.
+
+    ``parts`` maps a field name to its config class. A field that holds a dict (a recipe
+    rebuilt from a checkpoint) becomes an instance of that class again, with lists turned
+    back into tuples; anything else that is not an instance raises a ``TypeError``.
+    """
+    cls = type(obj).__name__
+    for name, kind in parts.items():
+        value = getattr(obj, name)
+        if isinstance(value, Mapping):
+            value = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+            object.__setattr__(obj, name, value)
+        if not isinstance(value, kind):
+            raise TypeError(f"{cls}.{name} must be a {kind.__name__}, got {type(value).__name__}")
+
+
 def amp_dtype(device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype for ``device``: bf16 where supported, fp16 on older GPUs,
     ``None`` (full precision) on CPU and MPS."""

@@ -15,6 +15,7 @@ load back is refused when saving, and a file that cannot be loaded raises one er
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -169,6 +170,107 @@ def train(step_fn: StepFn, batches: Iterable, steps: int, *, history: History | 
             if history.step % refresh_every == 0 or history.step == steps:
                 bar.set_postfix(_format_postfix(values), refresh=False)
     return history
+
+
+class EMA:
+    r"""An exponential moving average of a model's parameters, :math:`\bar\theta \leftarrow
+    d\,\bar\theta + (1 - d)\,\theta` after each step (buffers are copied): ``ema.model`` is
+    the averaged copy, the one to sample from and evaluate."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"the EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for avg, p in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(p.detach(), 1 - self.decay)
+        for avg, b in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(b)
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """How a recipe is optimised: Adam with a linear learning-rate warm-up then a constant
+    rate (so a run of ``steps`` steps is exactly the start of any longer run), gradient
+    clipping and an exponential moving average of the weights (the copy that is sampled
+    from and shipped). A recipe holds one as its ``optim`` field."""
+
+    steps: int = 2000           # optimisation steps
+    batch_size: int = 64
+    lr: float = 2e-4            # Adam's learning rate after warm-up
+    warmup: int = 200           # steps of linear warm-up
+    grad_clip: float = 1.0      # gradient norm clipping
+    ema_decay: float = 0.999
+    seed: int = 0               # minibatch order and the step's random draws
+
+    def __post_init__(self):
+        from .runtime import check_fields
+
+        check_fields(self, positive_ints=("steps", "batch_size"), nonneg_ints=("warmup", "seed"),
+                     positive_floats=("lr", "grad_clip"), half_open_unit=("ema_decay",))
+
+
+LossFn = Callable[[Any, torch.Generator], tuple[torch.Tensor, Mapping[str, float]]]
+
+
+def fit_recipe(recipe: Any, model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], *,
+               checkpoint: str | os.PathLike | None = None, save_every: int = 500,
+               progress: bool = True, desc: str | None = None,
+               callbacks: Sequence[Callback] = ()) -> tuple[nn.Module, EMA, History]:
+    """Train ``model`` as ``recipe.optim`` (an :class:`Optimisation`) says, resumably.
+
+    ``loss_fn(batch, generator)`` returns the scalar loss of one minibatch of ``data``
+    (tensors indexed along their first axis, :func:`minibatches`) and a dict of floats to
+    log; all of its random draws must come from ``generator``, which is reseeded from
+    ``(optim.seed, step)`` before every step. With ``checkpoint`` (a path) the full state
+    (weights, EMA, optimiser, history, recipe) is written there atomically every
+    ``save_every`` steps and at the end, and a run of the same recipe found there is
+    resumed; batches and draws depend only on the seed and the step, so a resumed run
+    equals an uninterrupted one. Returns ``(model, ema, history)``.
+    """
+    optim = recipe.optim
+    if not isinstance(optim, Optimisation):
+        raise TypeError(f"recipe.optim must be a training.Optimisation, got {type(optim).__name__}")
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be a positive int (steps between checkpoints), got {save_every!r}")
+    ema = EMA(model, optim.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / optim.warmup) if optim.warmup else 1.0)
+    modules = {"model": model, "ema": ema.model, "optimizer": optimizer, "scheduler": scheduler}
+    history = History()
+    if checkpoint is not None and Path(checkpoint).is_file():
+        stored = load_checkpoint(checkpoint, config_type=type(recipe))
+        same = dataclasses.replace(stored.config, optim=dataclasses.replace(stored.config.optim,
+                                                                            steps=optim.steps))
+        if same != recipe:
+            raise ValueError(f"{checkpoint} holds a run of another recipe; delete it or pass another path")
+        load_checkpoint(checkpoint, modules)
+        history = stored.history
+    generator = torch.Generator()
+
+    def step(batch) -> dict[str, float]:
+        generator.manual_seed(optim.seed * 1_000_003 + history.step)
+        loss, logged = loss_fn(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema.update(model)
+        return {"loss": loss.item(), **logged}
+
+    def save(step_number: int, hist: History) -> None:
+        if checkpoint is not None and (step_number % save_every == 0 or step_number == optim.steps):
+            save_checkpoint(checkpoint, modules, config=recipe, history=hist)
+
+    batches = minibatches(*data, batch_size=optim.batch_size, seed=optim.seed, start=history.step)
+    train(step, batches, optim.steps, history=history, callbacks=[*callbacks, save],
+          progress=progress, desc=desc)
+    return model, ema, history
 
 
 def train_for(seconds: float, run_until: Callable[[int], Any], *, first: int = 1,

@@ -708,3 +708,49 @@ def test_importance_sampled_bits_per_dim_is_unbiased_and_less_noisy():
     assert weighted[1] < uniform[1]
     with pytest.raises(ValueError, match="proposal"):
         diffusion.bits_per_dim(model, sched, images, proposal=torch.ones(30))
+
+
+# ------------------------------------------------------------------ cross-attention to token states
+
+def test_cross_attention_is_the_written_out_masked_softmax_and_ignores_masked_tokens():
+    torch.manual_seed(0)
+    layer = diffusion.CrossAttention2d(channels=8, context_dim=6, heads=2, groups=4)
+    x, context = torch.randn(3, 8, 4, 4), torch.randn(3, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 1, 0, 1]], dtype=torch.bool)
+    out = layer(x, context, mask)
+    # by hand: per image, per head, per pixel a softmax over the kept tokens
+    q = layer.q(layer.norm(x)).reshape(3, 2, 4, 16)                     # (B, heads, d, HW)
+    k, v = layer.kv(context).reshape(3, 5, 2, 2, 4).unbind(2)           # each (B, L, heads, d)
+    expected = torch.empty(3, 2, 4, 16)
+    for b in range(3):
+        keep = mask[b].nonzero().flatten()
+        for h in range(2):
+            scores = q[b, h].T @ k[b, keep, h].T / math.sqrt(4)             # (HW, kept)
+            expected[b, h] = (torch.softmax(scores, dim=1) @ v[b, keep, h]).T
+    reference = x + layer.out(expected.reshape(3, 8, 4, 4))
+    assert torch.allclose(out, reference, atol=1e-5)
+    # what a masked token holds does not matter
+    changed = context.clone()
+    changed[1, 2:] = 100.0
+    assert torch.allclose(layer(x, changed, mask)[1], out[1], atol=1e-5)
+
+
+def test_a_unet_with_context_uses_it_and_refuses_missing_or_misshapen_context():
+    config = dataclasses.replace(TINY_UNET, n_classes=0, context_dim=6)
+    model = UNet(config)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 7])
+    context = torch.randn(2, 5, 6)
+    out = model(x, t, context=context)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, model(x, t, context=torch.randn(2, 5, 6)))
+    with pytest.raises(ValueError, match="pass context"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"context must have shape \(2, L, 6\)"):
+        model(x, t, context=torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="pass context"):
+        UNet(dataclasses.replace(config, context_dim=0))(x, t, context=context)
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(config, n_classes=3)
+    # a U-Net without context keeps its parameter names, so older checkpoints still load
+    plain = UNet(dataclasses.replace(config, context_dim=0)).state_dict()
+    assert set(plain) < set(model.state_dict())

@@ -408,3 +408,71 @@ def test_train_for_refuses_bad_input():
     with pytest.raises(ValueError, match="max_steps must be None or an int of at least first=3"):
         training.train_for(1.0, fake.run_until, first=3, max_steps=2)
     assert fake.totals == []                 # nothing trained on bad input
+
+
+# ------------------------------------------------------------------ fit_recipe and check_parts
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    optim: training.Optimisation = training.Optimisation(steps=12, batch_size=8, lr=0.05, warmup=3,
+                                                         ema_decay=0.5, seed=1)
+    width: int = 4
+
+    def __post_init__(self):
+        from genart_utils import runtime
+        runtime.check_parts(self, optim=training.Optimisation)
+
+
+def _fit(recipe, checkpoint=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, recipe.width), nn.Tanh(), nn.Linear(recipe.width, 1))
+
+    def loss_fn(batch, generator):
+        x, y = batch
+        jitter = 0.01 * torch.randn(x.shape, generator=generator)      # a random draw per step
+        return nn.functional.mse_loss(model(x + jitter), y), {}
+
+    return training.fit_recipe(recipe, model, loss_fn, _problem(), checkpoint=checkpoint,
+                               save_every=5, progress=False)
+
+
+def test_fit_recipe_trains_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    recipe = TinyRecipe()
+    model, ema, history = _fit(recipe)
+    losses = history.records["loss"]
+    assert history.step == 12 and losses[1][-1] < losses[1][0]
+    # the EMA is an average of the iterates, not a copy of the last one
+    assert not torch.equal(ema.model[0].weight, model[0].weight)
+    path = tmp_path / "run.pt"
+    short = TinyRecipe(optim=training.Optimisation(**{**recipe.optim.__dict__, "steps": 7}))
+    _fit(short, path)
+    resumed, resumed_ema, resumed_history = _fit(recipe, path)
+    for a, b in zip([*model.parameters(), *ema.model.parameters()],
+                    [*resumed.parameters(), *resumed_ema.model.parameters()]):
+        assert torch.equal(a, b)
+    assert resumed_history.records["loss"] == losses
+
+
+def test_fit_recipe_refuses_another_recipes_checkpoint_and_bad_input(tmp_path):
+    path = tmp_path / "run.pt"
+    _fit(TinyRecipe(), path)
+    with pytest.raises(ValueError, match="another recipe"):
+        _fit(TinyRecipe(width=5), path)
+    with pytest.raises(ValueError, match="save_every must be a positive int"):
+        training.fit_recipe(TinyRecipe(), nn.Linear(3, 1), None, _problem(), save_every=0)
+
+    @dataclass(frozen=True)
+    class NoOptim:
+        optim: dict = None
+    with pytest.raises(TypeError, match="recipe.optim must be a training.Optimisation"):
+        training.fit_recipe(NoOptim(), nn.Linear(3, 1), None, _problem())
+
+
+def test_check_parts_rebuilds_nested_configs_and_names_wrong_types():
+    rebuilt = TinyRecipe(optim={"steps": 3, "batch_size": 2, "lr": 0.1, "warmup": 0, "grad_clip": 1.0,
+                                "ema_decay": 0.9, "seed": 0})
+    assert rebuilt.optim == training.Optimisation(steps=3, batch_size=2, lr=0.1, warmup=0, ema_decay=0.9)
+    with pytest.raises(TypeError, match="TinyRecipe.optim must be a Optimisation, got int"):
+        TinyRecipe(optim=3)
+    with pytest.raises(ValueError, match="Optimisation.steps must be a positive int"):
+        training.Optimisation(steps=0)
