@@ -26,7 +26,9 @@ import contextlib
 import dataclasses
 import math
 import operator
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -773,7 +775,7 @@ def bits_per_char(model: GPT, vocab, text_: str, batch_size: int = 64) -> float:
 def train_folk_model(vocab, train_text: str, monitor_text: str, model_config: GPTConfig,
                      train_config: TrainConfig, *, name: str, eval_every: int,
                      device: torch.device | str | None = None, progress: bool = True,
-                     retrain: bool = False) -> FolkModel:
+                     retrain: bool = False, path: str | os.PathLike | None = None) -> FolkModel:
     """Train a GPT on ``train_text`` with notebook 07's recipe, or load it if it was trained.
 
     The recipe: AdamW (:func:`configure_optimizer`), the warm-up and cosine schedule of
@@ -783,7 +785,8 @@ def train_folk_model(vocab, train_text: str, monitor_text: str, model_config: GP
     are logged as ``valid_bits`` and :func:`genart_utils.training.keep_best` saves the
     weights when they are the best so far. At the end the best weights are reloaded and
     saved again, atomically, with the history, the training time and what they were trained
-    on, in the checkpoint ``name`` (:func:`genart_utils.training.checkpoint_path`).
+    on, in the checkpoint ``name`` (:func:`genart_utils.training.checkpoint_path`), or at
+    ``path`` when it is given (``name`` then only labels the progress bar).
 
     If that checkpoint exists, finished, and was trained with the same model config, train
     config, ``eval_every``, vocabulary and texts, it is loaded (``weights_only=True``)
@@ -797,7 +800,7 @@ def train_folk_model(vocab, train_text: str, monitor_text: str, model_config: GP
                          f"vocabulary ({vocab.size}); build the config with vocab_size=vocab.size")
     _check_int("eval_every", eval_every, 1)
     device = runtime.get_device() if device is None else torch.device(device)
-    path = training.checkpoint_path(name)
+    path = training.checkpoint_path(name) if path is None else Path(path)
     key = {"train_config": dataclasses.asdict(train_config), "eval_every": int(eval_every),
            "vocab": list(vocab.token_texts), "data": _fingerprint(train_text, monitor_text)}
     model = GPT(model_config).to(device)
@@ -841,3 +844,97 @@ def train_folk_model(vocab, train_text: str, monitor_text: str, model_config: GP
                              extra={**key, "complete": True, "seconds": float(clock["seconds"]),
                                     "step": int(saved.extra["step"])})
     return FolkModel(best.eval(), history, float(clock["seconds"]), path, False)
+
+
+# ------------------------------------------------------------------------ the recipe, for shipping
+
+@dataclass(frozen=True)
+class FolkRecipe:
+    """Everything that decides notebook 07's folk-tune model: the data (which tunes, the
+    split, the monitored validation tunes, the tokeniser), the network and its training.
+    :func:`train_recipe` turns it into weights with :func:`train_folk_model`, the notebook's
+    own code, and :mod:`genart_utils.shipped` ships the weights of the cpu profile's recipe
+    (:func:`folk_recipe`).
+
+    ``steps`` is ``train.steps``: left out (``None``) it is read from ``train``; given (as in
+    ``dataclasses.replace(recipe, steps=n)``) it sets ``train.steps``. The warm-up and the
+    cosine decay stay as ``train`` says, so, unlike a diffusion recipe, a shorter run is not
+    the start of a longer one. The weights a run keeps are the best by monitored validation,
+    which may come from an earlier step than the last (``extra["best_step"]`` of the
+    checkpoint that :func:`train_recipe` writes).
+    """
+
+    model: GPTConfig                 # the network; vocab_size is the size of the corpus vocabulary
+    train: TrainConfig               # optimisation (folk_train_config: peak lr 0.75 / C)
+    eval_every: int                  # steps between validations (each may keep the best weights)
+    max_tunes: int | None = None     # a seeded random subset of the tunes (smoke runs); None: all
+    monitor_every: int = 1           # validation is monitored on every n-th validation tune
+    valid_fraction: float = 0.05     # share of the tunes held out for validation
+    split_seed: int = 0              # seed of the subset and of the split (text.load_corpus's seed)
+    vocabulary: str = "chars"        # the tokeniser: "chars", every character of the corpus (text.CharVocab)
+    steps: int | None = None         # optimisation steps; None: train.steps (see above)
+
+    def __post_init__(self) -> None:
+        runtime.check_parts(self, model=GPTConfig, train=TrainConfig)
+        if self.steps is None:
+            object.__setattr__(self, "steps", self.train.steps)
+        runtime.check_fields(self, positive_ints=("eval_every", "monitor_every", "steps"),
+                             nonneg_ints=("split_seed",), positive_floats=("valid_fraction",),
+                             half_open_unit=("valid_fraction",), choices={"vocabulary": ("chars",)})
+        if self.max_tunes is not None:
+            _check_int("FolkRecipe.max_tunes (or None: all tunes)", self.max_tunes, 2)
+            object.__setattr__(self, "max_tunes", int(self.max_tunes))
+        if self.train.steps != self.steps:
+            object.__setattr__(self, "train", dataclasses.replace(self.train, steps=self.steps))
+
+
+def folk_recipe(sizes: dict, vocab_size: int) -> FolkRecipe:
+    """Notebook 07's recipe for one profile's sizes (a value of :data:`FOLK_SIZES`) and the
+    size of the corpus vocabulary (``corpus.vocab.size``): a GPT with fused attention and
+    weight seed 0, trained with :func:`folk_train_config`, validated every
+    ``sizes["eval_every"]`` steps on every ``sizes["monitor_every"]``-th validation tune."""
+    model = GPTConfig(vocab_size=vocab_size, block_size=sizes["block_size"], n_layer=sizes["n_layer"],
+                      n_head=sizes["n_head"], n_embd=sizes["n_embd"], attention="sdpa", seed=0)
+    return FolkRecipe(model, folk_train_config(sizes, model.n_embd), eval_every=sizes["eval_every"],
+                      max_tunes=sizes["max_tunes"], monitor_every=sizes["monitor_every"])
+
+
+def folk_data(recipe: FolkRecipe):
+    """The recipe's data: ``(corpus, monitor_text)``, the folk tunes split into training and
+    validation (:func:`genart_utils.text.load_corpus`) and the validation tunes that are
+    monitored during training, as one text (every ``monitor_every``-th, blank-line separated)."""
+    from . import text as text_module
+
+    corpus = text_module.load_corpus("folk", valid_fraction=recipe.valid_fraction, seed=recipe.split_seed,
+                                     max_documents=recipe.max_tunes)
+    return corpus, "\n".join(corpus.valid[:: recipe.monitor_every])
+
+
+def train_recipe(recipe: FolkRecipe, checkpoint: str | os.PathLike, *, device: torch.device | str | None = None,
+                 progress: bool = True) -> FolkModel:
+    """Train ``recipe`` on its own data (:func:`folk_data`) with :func:`train_folk_model` and
+    save the kept weights (the best by monitored validation) at ``checkpoint``, as a
+    checkpoint of the recipe: config ``recipe``, the weights under ``"model"``, the whole
+    training history, and in ``extra`` the step of the weights (``best_step``), the training
+    time (``seconds``), the vocabulary and a fingerprint of the texts.
+
+    While it trains, :func:`train_folk_model` keeps its own checkpoint beside it (the name
+    with ``-run`` before the suffix; removed at the end). A finished run found there is
+    loaded rather than trained again; :func:`genart_utils.shipped.load_or_train` is the way
+    to reuse a finished checkpoint of the recipe.
+    """
+    if not isinstance(recipe, FolkRecipe):
+        raise TypeError(f"recipe must be a gpt.FolkRecipe, got {type(recipe).__name__}")
+    checkpoint = Path(checkpoint)
+    run_path = checkpoint.with_name(f"{checkpoint.stem}-run{checkpoint.suffix}")
+    corpus, monitor_text = folk_data(recipe)
+    train_text = corpus.text("train")
+    folk = train_folk_model(corpus.vocab, train_text, monitor_text, recipe.model, recipe.train, name=checkpoint.name,
+                            eval_every=recipe.eval_every, device=device, progress=progress, path=run_path)
+    run = training.load_checkpoint(run_path)
+    training.save_checkpoint(checkpoint, {"model": folk.model}, config=recipe, history=folk.history,
+                             extra={"best_step": int(run.extra["step"]), "seconds": folk.seconds,
+                                    "vocab": list(corpus.vocab.token_texts),
+                                    "data": _fingerprint(train_text, monitor_text)})
+    run_path.unlink()
+    return dataclasses.replace(folk, path=checkpoint)
