@@ -16,7 +16,6 @@ cache of an earlier run, or trains them itself.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,8 +87,7 @@ class LatentDiffusionRecipe:
     optim: training.Optimisation = training.Optimisation(steps=6000, batch_size=64, lr=3e-4, warmup=200)
 
     def __post_init__(self):
-        defaults = {"autoencoder": getattr(latent, "AUTOENCODER_RECIPE", None),
-                    "clip": getattr(clip, "CLIP_RECIPE", None)}
+        defaults = {"autoencoder": latent.AUTOENCODER_RECIPE, "clip": clip.CLIP_RECIPE}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
