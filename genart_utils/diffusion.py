@@ -144,15 +144,20 @@ class NoiseSchedule:
         r"""The noise that takes ``x0`` to ``x_t``: :math:`(x_t - \sqrt{\bar\alpha_t}\,x_0) / \sigma_t`."""
         return (x_t - torch.sqrt(self._at(self.alpha_bars, t, x_t)) * x0) / self._at(self.sigmas, t, x_t)
 
-    def timesteps(self, steps: int) -> torch.Tensor:
+    def timesteps(self, steps: int, start: int | None = None) -> torch.Tensor:
         """The decreasing 0-based indices a sampler with ``steps`` steps visits: ``steps``
-        evenly spaced indices from ``T - 1`` down to 0 (all of them when ``steps == T``)."""
-        if not runtime.is_int(steps) or not 1 <= steps <= self.T:
-            raise ValueError(f"the number of sampling steps must be an integer from 1 to T = "
-                             f"{self.T}, got {steps!r}")
+        evenly spaced indices from ``start`` (default ``T - 1``) down to 0 (all of them when
+        ``steps == start + 1``). A ``start`` below ``T - 1`` is a sampler that begins from a
+        partly noised image, as SDEdit does."""
+        start = self.T - 1 if start is None else start
+        if not runtime.is_int(start) or not 0 <= start < self.T:
+            raise ValueError(f"start must be a 0-based step index in [0, {self.T}), got {start!r}")
+        if not runtime.is_int(steps) or not 1 <= steps <= start + 1:
+            raise ValueError(f"the number of sampling steps must be an integer from 1 to {start + 1} "
+                             f"(the steps from index {start} down to 0), got {steps!r}")
         if steps == 1:
-            return torch.tensor([self.T - 1])
-        return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long()
+            return torch.tensor([start])
+        return torch.linspace(start, 0, steps, dtype=torch.float64).round().long()
 
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
@@ -319,7 +324,9 @@ class CrossAttention2d(nn.Module):
               \qquad q = W_q\,\mathrm{GN}(h),\ k = W_k\,c,\ v = W_v\,c,
 
     where the softmax runs over the tokens ``j`` that the mask ``m`` keeps (not padding).
-    This is how Stable Diffusion's U-Net reads its text encoder's token states."""
+    This is how Stable Diffusion's U-Net reads its text encoder's token states. A floating
+    mask holds log-weights :math:`\log w_j` added to the logits instead (``-inf`` drops a
+    token): the softmax then weighs token ``j`` by :math:`w_j` (co-creation's prompt blends)."""
 
     def __init__(self, channels: int, context_dim: int, heads: int, groups: int):
         super().__init__()
@@ -334,7 +341,12 @@ class CrossAttention2d(nn.Module):
         d = c // self.heads
         q = self.q(self.norm(x)).reshape(b, self.heads, d, h * w).transpose(-1, -2)   # (B, heads, HW, d)
         k, v = self.kv(context).reshape(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
-        keep = None if mask is None else mask[:, None, None, :].bool()                # (B, 1, 1, L)
+        if mask is None:
+            keep = None
+        elif mask.dtype.is_floating_point:      # log-weights added to the logits (-inf: ignore)
+            keep = mask[:, None, None, :].to(q.dtype)                                  # (B, 1, 1, L)
+        else:
+            keep = mask[:, None, None, :].bool()                                       # (B, 1, 1, L)
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep)
         return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -601,11 +613,43 @@ def guided_eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
 
 
 @torch.no_grad()
+def reverse_step(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t: int, s: int, *,
+                 method: str = "ddim", eta: float = 0.0, labels: torch.Tensor | None = None,
+                 guidance: float = 1.0, generator: torch.Generator | None = None,
+                 clip_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of :func:`sample` from index ``t`` to the next visited index ``s < t``
+    (``s = -1``: to the clean image; ``method="ddpm"`` needs ``s = t - 1``). Returns
+    ``(x_s, x0_hat)``, both in the model's space; the noise, if any, comes from ``generator``
+    on the CPU. Used by :func:`sample` and by co-creation's inpainting, which edits ``x_s``
+    between steps."""
+    device = x.device
+    tt = torch.full((len(x),), t, dtype=torch.long, device=device)
+    eps = guided_eps(model, x, tt, labels, guidance).float()
+    x0 = schedule.predict_x0(x, tt, eps)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = schedule.predict_eps(x, tt, x0)
+    if method == "ddpm":
+        if s != t - 1:
+            raise ValueError(f"a DDPM step goes from t to t - 1, got t = {t}, s = {s}")
+        mean, var = schedule.posterior(x0, x, tt)
+        noise = torch.randn(x.shape, generator=generator).to(device) if t > 0 else 0.0
+        return mean + var.sqrt() * noise, x0
+    ab_t = float(schedule.alpha_bars[t])
+    ab_s = float(schedule.alpha_bars[s]) if s >= 0 else 1.0
+    var = eta ** 2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
+    x_s = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - var, 0.0)) * eps
+    if var > 0:
+        x_s = x_s + math.sqrt(var) * torch.randn(x.shape, generator=generator).to(device)
+    return x_s, x0
+
+
+@torch.no_grad()
 def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, method: str = "ddpm",
            steps: int | None = None, eta: float = 0.0, labels: torch.Tensor | None = None,
            guidance: float = 1.0, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu", clip_x0: bool = True, trajectory: bool = False,
-           x_T: torch.Tensor | None = None, to_images: bool = True):
+           x_T: torch.Tensor | None = None, to_images: bool = True, start: int | None = None):
     r"""Draw images ``shape = (B, C, H, W)`` in ``[0, 1]`` by running the reverse process.
 
     * ``method="ddpm"``: ancestral sampling over all ``T`` steps (``steps`` must be ``None``
@@ -622,23 +666,30 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, m
 
     :math:`\hat x_0` is predicted from the (guided, :func:`guided_eps`) noise estimate and,
     with ``clip_x0``, clamped to the data range ``[-1, 1]``, after which the noise estimate is
-    recomputed from it. All noise, including :math:`x_T` (unless given as ``x_T`` in
-    ``[-1, 1]``), comes from ``generator`` on the CPU. With ``trajectory=True`` returns
-    ``(images, states)``, ``states`` the ``(steps + 1, B, C, H, W)`` visited :math:`x_t` mapped
-    to ``[0, 1]``, from :math:`x_T` to the result. With ``to_images=False`` (for latents, with
-    ``clip_x0=False``) results and states are returned as they are, not mapped to ``[0, 1]``.
+    recomputed from it. All noise, including :math:`x_T` (unless given as ``x_T``, in the
+    model's space), comes from ``generator`` on the CPU. With ``start`` (DDIM only), ``x_T``
+    is the state at the 0-based index ``start < T - 1`` and the ``steps`` visited indices run
+    from ``start`` down to 0: a reverse process that begins part-way (SDEdit). With
+    ``trajectory=True`` returns ``(images, states)``, ``states`` the ``(steps + 1, B, C, H, W)``
+    visited :math:`x_t` mapped to ``[0, 1]``, from :math:`x_T` to the result. With
+    ``to_images=False`` (for latents, with ``clip_x0=False``) results and states are returned
+    as they are, not mapped to ``[0, 1]``.
     """
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
     if method == "ddpm" and steps not in (None, schedule.T):
         raise ValueError(f"DDPM sampling runs all T = {schedule.T} steps; for fewer steps use "
                          f"method='ddim' (got steps={steps})")
+    if start is not None and (method != "ddim" or x_T is None):
+        raise ValueError("start (a reverse process that begins part-way) needs method='ddim' and the "
+                         "state x_T at that step")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if len(shape) < 2:
         raise ValueError(f"shape must be (B, ...) with a batch axis, got {tuple(shape)}")
     device = torch.device(device)
-    ts = schedule.timesteps(schedule.T if steps is None else steps)
+    first = schedule.T - 1 if start is None else start
+    ts = schedule.timesteps(first + 1 if steps is None else steps, start)
     if labels is not None:
         labels = labels.to(device)
         if len(labels) != shape[0]:
@@ -653,24 +704,9 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, m
     states = [out(x).cpu()] if trajectory else None
     try:
         for i, t in enumerate(ts.tolist()):
-            tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
-            eps = guided_eps(model, x, tt, labels, guidance).float()
-            x0 = schedule.predict_x0(x, tt, eps)
-            if clip_x0:
-                x0 = x0.clamp(-1, 1)
-                eps = schedule.predict_eps(x, tt, x0)
-            if method == "ddpm":
-                mean, var = schedule.posterior(x0, x, tt)
-                noise = torch.randn(x.shape, generator=generator).to(device) if t > 0 else 0.0
-                x = mean + var.sqrt() * noise
-            else:
-                s = int(ts[i + 1]) if i + 1 < len(ts) else -1
-                ab_t = float(schedule.alpha_bars[t])
-                ab_s = float(schedule.alpha_bars[s]) if s >= 0 else 1.0
-                var = eta ** 2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
-                x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - var, 0.0)) * eps
-                if var > 0:
-                    x = x + math.sqrt(var) * torch.randn(x.shape, generator=generator).to(device)
+            s = int(ts[i + 1]) if i + 1 < len(ts) else -1
+            x, _ = reverse_step(model, schedule, x, t, s, method=method, eta=eta, labels=labels,
+                                guidance=guidance, generator=generator, clip_x0=clip_x0)
             if trajectory:
                 states.append(out(x).cpu())
     finally:

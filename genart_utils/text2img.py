@@ -219,10 +219,97 @@ class TextToImage:
         return z / self.core.latent_scale.cpu()
 
     @torch.no_grad()
+    def edit(self, images: torch.Tensor, prompts: Sequence[str], strength: float, *, guidance: float = 3.0,
+             steps: int = 25, seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+        """SDEdit in latent space (:func:`cocreate.sdedit`): encode ``images`` ``(B, 3, 32, 32)``
+        in ``[0, 1]``, noise their latents to ``strength``, denoise them towards ``prompts``
+        (``""``: no caption), decode. ``strength = 0`` gives back the autoencoder's
+        reconstruction of the images, not the images themselves."""
+        from . import cocreate
+
+        if len(prompts) != len(images) or isinstance(prompts, str):
+            raise ValueError(f"pass one prompt per image (a list of {len(images)} strings)")
+        scale = self.core.latent_scale.cpu()
+        z0 = latent.encode_images(self.autoencoder, images, batch_size=batch_size) * scale
+        device = next(self.denoiser.parameters()).device
+        z = cocreate.sdedit(self.denoiser, self.schedule, z0, strength, steps=steps, labels=self.tokens(prompts),
+                            guidance=guidance, generator=torch.Generator().manual_seed(seed), device=device,
+                            clip_x0=False)
+        return latent.decode_latents(self.autoencoder, z / scale, batch_size=batch_size)
+
+    @torch.no_grad()
+    def blend(self, a: str, b: str, weights: Sequence[float], *, guidance: float = 3.0, steps: int = 25,
+              seed: int = 0, same_noise: bool = True) -> torch.Tensor:
+        """Images for blends of the prompts ``a`` and ``b`` (:class:`PromptBlend`), one per
+        weight in ``weights`` (0: ``a``, 1: ``b``), from the same latent noise (the noise of
+        ``seed``'s first image) when ``same_noise``, so that only the prompt moves."""
+        blend = PromptBlend(self.core, a, b)
+        model = diffusion.VPrediction(blend, self.schedule) if isinstance(self.denoiser, diffusion.VPrediction) \
+            else blend
+        w = torch.as_tensor(list(weights), dtype=torch.float32)
+        c, s = self.core.config.channels, self.core.config.image_size
+        generator = torch.Generator().manual_seed(seed)
+        x_T = torch.randn(1, c, s, s, generator=generator).expand(len(w), -1, -1, -1) if same_noise else None
+        device = next(self.denoiser.parameters()).device
+        z = diffusion.sample(model, self.schedule, (len(w), c, s, s), method="ddim", steps=steps, labels=w,
+                             guidance=guidance, generator=generator, device=device, clip_x0=False,
+                             to_images=False, x_T=x_T)
+        return latent.decode_latents(self.autoencoder, z / self.core.latent_scale.cpu())
+
+    @torch.no_grad()
     def __call__(self, prompts: Sequence[str], *, guidance: float = 3.0, steps: int = 25, seed: int = 0,
                  eta: float = 0.0, x_T: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
         z = self.latents(prompts, guidance=guidance, steps=steps, seed=seed, eta=eta, x_T=x_T)
         return latent.decode_latents(self.autoencoder, z, batch_size=batch_size)
+
+
+class PromptBlend(nn.Module):
+    r"""The denoiser of a :class:`TextToImage` pipeline conditioned on a blend of two prompts
+    ``a`` and ``b``: called with weights :math:`\alpha` ``(B,)`` in ``[0, 1]`` in place of caption
+    ids (``NaN``: no caption, the unconditional half of guidance), its cross-attention reads
+    the token states of both captions, those of ``a`` with weight :math:`1 - \alpha` and those
+    of ``b`` with weight :math:`\alpha` (log-weights added to the attention logits):
+
+    .. math:: \mathrm{out}_p = \frac{(1-\alpha) Z_a\,\mathrm{out}_p^a + \alpha Z_b\,\mathrm{out}_p^b}
+              {(1-\alpha) Z_a + \alpha Z_b}, \qquad Z_c = \sum_{j \in c} e^{q_p^\top k_j / \sqrt d}.
+
+    At :math:`\alpha = 0` this is exactly prompt ``a`` and at 1 exactly ``b``. Averaging the
+    token states position by position instead is not defined for captions of different
+    lengths, and padding the shorter one changes what the U-Net attends to.
+    """
+
+    def __init__(self, core: TextConditionedUNet, a: str, b: str):
+        super().__init__()
+        self.core = core
+        self.config = core.config
+        with torch.no_grad():
+            self.states = [core.text.states(core.tokenizer.encode([p])) for p in (a, b, "")]
+
+    def null_condition(self, weights: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(weights, float("nan"))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if weights is None:
+            weights = torch.full((len(x),), float("nan"))
+        weights = weights.detach().float().cpu()
+        if weights.shape != (len(x),) or torch.any((weights < 0) | (weights > 1)):
+            raise ValueError(f"weights must be ({len(x)},) values in [0, 1] (or NaN: no caption), got {weights}")
+        (sa, ma), (sb, mb), (sn, mn) = self.states
+        length = sa.shape[1] + sb.shape[1]
+        context = torch.cat([sa, sb], 1).expand(len(x), -1, -1).clone()               # (B, La + Lb, D)
+        with torch.no_grad():
+            log_m = torch.cat([ma, mb], 1).float().log()                               # 0 or -inf
+        a_part = torch.zeros(len(x), length)
+        a_part[:, :sa.shape[1]] = 1
+        alpha = weights.nan_to_num(0.0)[:, None]
+        bias = log_m + torch.where(a_part.bool(), torch.log1p(-alpha), torch.log(alpha))
+        null = weights.isnan()
+        if null.any():                     # no caption: the empty caption's states, padding ignored
+            context[null] = 0
+            context[null, :sn.shape[1]] = sn[0]
+            bias[null] = float("-inf")
+            bias[null, :sn.shape[1]] = mn[0].float().log()
+        return self.core.unet(x, t, context=context.to(x.device), context_mask=bias.to(x.device))
 
 
 def load_pipeline(name: str = "ldm-openmoji32", *, recipe: LatentDiffusionRecipe | None = None,
