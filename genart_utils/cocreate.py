@@ -11,6 +11,8 @@ Each tool reuses a trained model as it is; none of them trains anything.
 * :func:`next_generation` and :func:`evolve`: interactive evolution of latent codes (a GAN's
   ``z``, a diffusion model's DDIM noise :math:`x_T`). Favourites survive; children mix two
   favourites along the sphere (:func:`gan.slerp`) and mutate.
+* :func:`slerp_strip` and :func:`strip_steps`: paths between two codes, and how evenly a
+  strip of images moves along one.
 * :func:`provenance`: the nearest training images of anything the studio makes, and the
   licence that covers them.
 
@@ -305,6 +307,15 @@ def slerp_strip(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"n must be an int >= 2 (the strip includes both ends), got {n!r}")
     return gan.slerp(a.flatten().double(), b.flatten().double(),
                      torch.linspace(0, 1, n, dtype=torch.float64)).float().reshape(n, *a.shape)
+
+
+def strip_steps(images: torch.Tensor) -> torch.Tensor:
+    """The pixel distances between neighbouring images of a strip ``(n, C, H, W)``,
+    ``(n - 1,)``. A smooth strip takes even steps; their sum over the distance between the
+    ends is 1 for a straight path and grows with every detour."""
+    if images.ndim < 2 or len(images) < 2:
+        raise ValueError(f"a strip needs at least two images (n, ...), got {tuple(images.shape)}")
+    return (images[1:] - images[:-1]).flatten(1).norm(dim=1)
 
 
 @dataclass(frozen=True)

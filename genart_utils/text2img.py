@@ -239,11 +239,11 @@ class TextToImage:
 
     @torch.no_grad()
     def blend(self, a: str, b: str, weights: Sequence[float], *, guidance: float = 3.0, steps: int = 25,
-              seed: int = 0, same_noise: bool = True) -> torch.Tensor:
-        """Images for blends of the prompts ``a`` and ``b`` (:class:`PromptBlend`), one per
-        weight in ``weights`` (0: ``a``, 1: ``b``), from the same latent noise (the noise of
-        ``seed``'s first image) when ``same_noise``, so that only the prompt moves."""
-        blend = PromptBlend(self.core, a, b)
+              seed: int = 0, same_noise: bool = True, mode: str = "score") -> torch.Tensor:
+        """Images for blends of the prompts ``a`` and ``b`` (:class:`PromptBlend` in ``mode``),
+        one per weight in ``weights`` (0: ``a``, 1: ``b``), from the same latent noise (the
+        noise of ``seed``'s first image) when ``same_noise``, so that only the prompt moves."""
+        blend = PromptBlend(self.core, a, b, mode)
         model = diffusion.VPrediction(blend, self.schedule) if isinstance(self.denoiser, diffusion.VPrediction) \
             else blend
         w = torch.as_tensor(list(weights), dtype=torch.float32)
@@ -263,27 +263,41 @@ class TextToImage:
         return latent.decode_latents(self.autoencoder, z, batch_size=batch_size)
 
 
+BLEND_MODES = ("score", "attention")
+
+
 class PromptBlend(nn.Module):
     r"""The denoiser of a :class:`TextToImage` pipeline conditioned on a blend of two prompts
-    ``a`` and ``b``: called with weights :math:`\alpha` ``(B,)`` in ``[0, 1]`` in place of caption
-    ids (``NaN``: no caption, the unconditional half of guidance), its cross-attention reads
-    the token states of both captions, those of ``a`` with weight :math:`1 - \alpha` and those
-    of ``b`` with weight :math:`\alpha` (log-weights added to the attention logits):
+    ``a`` and ``b``: called with weights :math:`\lambda` ``(B,)`` in ``[0, 1]`` in place of
+    caption ids (``NaN``: no caption, the unconditional half of guidance). Both modes are
+    exactly prompt ``a`` at :math:`\lambda = 0` and exactly ``b`` at 1.
 
-    .. math:: \mathrm{out}_p = \frac{(1-\alpha) Z_a\,\mathrm{out}_p^a + \alpha Z_b\,\mathrm{out}_p^b}
-              {(1-\alpha) Z_a + \alpha Z_b}, \qquad Z_c = \sum_{j \in c} e^{q_p^\top k_j / \sqrt d}.
-
-    At :math:`\alpha = 0` this is exactly prompt ``a`` and at 1 exactly ``b``. Averaging the
-    token states position by position instead is not defined for captions of different
-    lengths, and padding the shorter one changes what the U-Net attends to.
+    * ``mode="score"``: the two captions' noise estimates are mixed,
+      :math:`\epsilon_\lambda = (1 - \lambda)\,\epsilon(x_t, a) + \lambda\,\epsilon(x_t, b)`.
+      With guidance of weight :math:`w` this is
+      :math:`\epsilon_\varnothing + w\,[(1 - \lambda)(\epsilon_a - \epsilon_\varnothing)
+      + \lambda(\epsilon_b - \epsilon_\varnothing)]`, the score of
+      :math:`p_t(x)\,p_t(a \mid x)^{w(1-\lambda)}\,p_t(b \mid x)^{w\lambda}`: a product of
+      experts whose weights slide from one caption to the other. Two network calls per image.
+    * ``mode="attention"``: the cross-attention reads the token states of both captions at
+      once, those of ``a`` with weight :math:`1 - \lambda` and those of ``b`` with weight
+      :math:`\lambda` (log-weights added to the logits), so each pixel reads
+      :math:`\frac{(1-\lambda) Z_a\,\mathrm{out}^a + \lambda Z_b\,\mathrm{out}^b}{(1-\lambda) Z_a
+      + \lambda Z_b}`, :math:`Z_c = \sum_{j \in c} e^{q^\top k_j / \sqrt d}`: a blend of the text
+      embeddings as the U-Net sees them. (Averaging the token states position by position is
+      not defined for captions of different lengths.) One network call, but the U-Net never
+      read two captions at once in training.
     """
 
-    def __init__(self, core: TextConditionedUNet, a: str, b: str):
+    def __init__(self, core: TextConditionedUNet, a: str, b: str, mode: str = "score"):
         super().__init__()
-        self.core = core
+        if mode not in BLEND_MODES:
+            raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
+        self.core, self.mode = core, mode
         self.config = core.config
+        self.tokens = [core.tokenizer.encode([p]) for p in (a, b, "")]
         with torch.no_grad():
-            self.states = [core.text.states(core.tokenizer.encode([p])) for p in (a, b, "")]
+            self.states = [core.text.states(tok) for tok in self.tokens]
 
     def null_condition(self, weights: torch.Tensor) -> torch.Tensor:
         return torch.full_like(weights, float("nan"))
@@ -294,15 +308,34 @@ class PromptBlend(nn.Module):
         weights = weights.detach().float().cpu()
         if weights.shape != (len(x),) or torch.any((weights < 0) | (weights > 1)):
             raise ValueError(f"weights must be ({len(x)},) values in [0, 1] (or NaN: no caption), got {weights}")
+        if self.mode == "score":
+            return self._score_blend(x, t, weights)
+        return self._attention_blend(x, t, weights)
+
+    def _score_blend(self, x, t, weights):
+        null = weights.isnan()
+        out = torch.empty_like(x)
+        if null.any():
+            out[null] = self.core(x[null], t[null])
+        keep = ~null
+        if keep.any():
+            n = int(keep.sum())
+            lam = weights[keep].to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            both = self.core(torch.cat([x[keep], x[keep]]), torch.cat([t[keep], t[keep]]),
+                             torch.cat([self.tokens[0].expand(n, -1), self.tokens[1].expand(n, -1)]).to(x.device))
+            out_a, out_b = both.chunk(2)
+            out[keep] = (1 - lam) * out_a + lam * out_b
+        return out
+
+    def _attention_blend(self, x, t, weights):
         (sa, ma), (sb, mb), (sn, mn) = self.states
         length = sa.shape[1] + sb.shape[1]
         context = torch.cat([sa, sb], 1).expand(len(x), -1, -1).clone()               # (B, La + Lb, D)
-        with torch.no_grad():
-            log_m = torch.cat([ma, mb], 1).float().log()                               # 0 or -inf
-        a_part = torch.zeros(len(x), length)
-        a_part[:, :sa.shape[1]] = 1
-        alpha = weights.nan_to_num(0.0)[:, None]
-        bias = log_m + torch.where(a_part.bool(), torch.log1p(-alpha), torch.log(alpha))
+        log_m = torch.cat([ma, mb], 1).float().log()                                   # 0 or -inf
+        a_part = torch.zeros(len(x), length, dtype=torch.bool)
+        a_part[:, :sa.shape[1]] = True
+        lam = weights.nan_to_num(0.0)[:, None]
+        bias = log_m + torch.where(a_part, torch.log1p(-lam), torch.log(lam))
         null = weights.isnan()
         if null.any():                     # no caption: the empty caption's states, padding ignored
             context[null] = 0

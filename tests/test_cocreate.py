@@ -174,3 +174,13 @@ def test_provenance_finds_the_nearest_training_images_by_brute_force():
         assert p.closer_than_held_out
     assert found[0].names[0] == "emoji 4" and "CC BY-SA 4.0" in found[0].licence
     assert "emoji 4" in found[0].describe()
+
+
+def test_strip_steps_of_an_even_straight_strip_are_equal_and_sum_to_the_end_to_end_distance():
+    a, b = torch.zeros(3, 4, 4), torch.ones(3, 4, 4)
+    strip = torch.stack([a + (b - a) * k / 4 for k in range(5)])
+    steps = cocreate.strip_steps(strip)
+    assert torch.allclose(steps, steps[0].expand(4))
+    assert steps.sum().item() == pytest.approx((b - a).norm().item())
+    with pytest.raises(ValueError, match="at least two images"):
+        cocreate.strip_steps(strip[:1])

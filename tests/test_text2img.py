@@ -115,10 +115,11 @@ def test_training_copies_the_text_encoder_and_scales_the_latents(tmp_path):
     assert float(core.latent_scale) == pytest.approx(latent.latent_scale(ae, images), rel=1e-5)
 
 
-def test_a_prompt_blend_is_each_prompt_at_its_ends_and_no_caption_for_nan():
+@pytest.mark.parametrize("mode", text2img.BLEND_MODES)
+def test_a_prompt_blend_is_each_prompt_at_its_ends_and_no_caption_for_nan(mode):
     model = text2img.build_latent_diffusion(tiny_recipe()).eval()
     core = model.net
-    blend = text2img.PromptBlend(core, "red apple", "cat")     # captions of different lengths
+    blend = text2img.PromptBlend(core, "red apple", "cat", mode)     # captions of different lengths
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([5, 60, 900])
     a, b = core(x, t, core.tokenizer.encode(["red apple"] * 3)), core(x, t, core.tokenizer.encode(["cat"] * 3))
     assert torch.allclose(blend(x, t, torch.zeros(3)), a, atol=1e-5)
@@ -126,11 +127,14 @@ def test_a_prompt_blend_is_each_prompt_at_its_ends_and_no_caption_for_nan():
     assert torch.allclose(blend(x, t, torch.full((3,), float("nan"))), core(x, t), atol=1e-5)
     middle = blend(x, t, torch.full((3,), 0.5))
     assert not torch.allclose(middle, a, atol=1e-3) and not torch.allclose(middle, b, atol=1e-3)
-    # guidance through the wrapper: the NaN row is the unconditional half
+    if mode == "score":                     # a convex mix of the two noise estimates
+        assert torch.allclose(middle, 0.5 * (a + b), atol=1e-5)
+    # guidance through the v-prediction wrapper: the NaN row is the unconditional half
     wrapped = diffusion.VPrediction(blend, NoiseSchedule(ScheduleConfig()))
-    w = torch.tensor([0.0, 0.0, 0.0])
-    assert torch.allclose(diffusion.guided_eps(wrapped, x, t, w, guidance=2.0),
+    assert torch.allclose(diffusion.guided_eps(wrapped, x, t, torch.zeros(3), guidance=2.0),
                           diffusion.guided_eps(model, x, t, core.tokenizer.encode(["red apple"] * 3), guidance=2.0),
                           atol=1e-4)
     with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
         blend(x, t, torch.tensor([0.0, 1.5, 0.2]))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        text2img.PromptBlend(core, "a", "b", "average")
