@@ -17,6 +17,14 @@ run trained:
   training function (the same code the chapter runs), resuming from and caching to
   :func:`training.checkpoint_path`, so every notebook also runs alone.
 
+The families of recipes (:data:`FAMILIES`) are the diffusion model of chapter 09, the folk
+tune GPT of chapter 07, the autoencoder, CLIP and latent diffusion of chapters 12 and 13, and
+the DCGAN on OpenMoji (chapter 11's network, trained longer for the co-creation chapter:
+``dcgan-openmoji32``, :data:`gan.GAN_RECIPE`).
+
+:func:`replay` checks that a shipped recipe is the one that trained its checkpoint: it trains
+the first few steps again and returns them beside the values the shipped history recorded.
+
 ``python -m genart_utils.shipped export NAME RUN.pt --family F --seconds S --machine M --command C``
 turns a finished run of a recipe into a shipped checkpoint and its manifest entry.
 """
@@ -33,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -109,11 +118,24 @@ def _latent_diffusion_family() -> Family:
     return Family(text2img.LatentDiffusionRecipe, text2img.build_latent_diffusion, train)
 
 
+def _dcgan_family() -> Family:
+    from . import gan
+
+    def train(recipe, device, checkpoint, progress):
+        return gan.train_recipe(recipe, device=device, checkpoint=checkpoint, progress=progress)[0]
+
+    return Family(gan.GANRecipe, gan.build_gan, train, weights="generator")
+
+
 FAMILIES: dict[str, Callable[[], Family]] = {
     "diffusion": _diffusion_family, "folk": _folk_family, "autoencoder": _autoencoder_family,
-    "clip": _clip_family, "latent-diffusion": _latent_diffusion_family}
-"""Recipe families by name; a later chapter adds its own (its build and train functions, and
-the checkpoint state that holds the weights when it is not ``"ema"``)."""
+    "clip": _clip_family, "latent-diffusion": _latent_diffusion_family, "dcgan": _dcgan_family}
+"""Recipe families by name: ``"diffusion"`` (:class:`diffusion.DiffusionRecipe`), ``"folk"``
+(:class:`gpt.FolkRecipe`), ``"autoencoder"`` (:class:`latent.AutoencoderRecipe`), ``"clip"``
+(:class:`clip.CLIPRecipe`), ``"latent-diffusion"`` (:class:`text2img.LatentDiffusionRecipe`)
+and ``"dcgan"`` (:class:`gan.GANRecipe`, whose shipped state is the generator). A later
+chapter adds its own (its build and train functions, and the checkpoint state that holds the
+weights when it is not ``"ema"``)."""
 
 
 @dataclass(frozen=True)
@@ -209,8 +231,8 @@ def load_or_train(name: str, *, recipe: Any = None, family: str = "diffusion", r
 
     A trained model is cached at ``training.checkpoint_path(name + ".pt")``. A finished
     cached run of the same recipe is reused; an unfinished one is resumed where the family's
-    training can resume (diffusion, whose cache holds the optimiser state too; a folk run
-    starts again).
+    training can resume (diffusion and the DCGAN, whose caches hold the optimiser states
+    too; a folk run starts again).
 
     Raises:
         ChecksumError: when the shipped file does not match the sha256 of the manifest
@@ -282,6 +304,53 @@ def _differences(a: Any, b: Any, prefix: str = "") -> str:
     return ", ".join(out) or f"{type(a).__name__} != {type(b).__name__}"
 
 
+def replay(name: str, steps: int = 3, *, device: torch.device | str = "cpu"
+           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train the first ``steps`` steps of the shipped model ``name``'s recipe again and put
+    them beside what its run recorded: the check that the published recipe (and the
+    family's training code as it is now) reproduces the checkpoint.
+
+    The recipe stored in the shipped checkpoint, cut to ``steps`` steps
+    (:func:`with_steps`), is trained with the family's own train function into a temporary
+    folder (a family whose training loads other shipped models, such as latent diffusion,
+    loads them as usual). Returns, for every series that the shipped history logged at each
+    of the steps ``1 .. steps``, the pair ``(recorded, replayed)`` of float64 arrays of
+    those ``steps`` values. A series logged only later (a validation every 500 steps) is
+    left out.
+
+    Raises:
+        KeyError: when ``name`` is not shipped.
+        ValueError: when ``steps`` is not a positive int.
+    """
+    from . import runtime
+
+    if not runtime.is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive int (the steps to train again), got {steps!r}")
+    entry = shipped_models().get(name)
+    if entry is None:
+        raise KeyError(f"{name!r} is not a shipped model; shipped: {sorted(shipped_models())}")
+    fam = _family(entry.family)
+    stored = training.load_checkpoint(Path(str(_folder() / entry.file)), config_type=fam.recipe_type)
+    first = list(range(1, steps + 1))
+    recorded = {}
+    for key in stored.history.keys():
+        at, values = stored.history.series(key)
+        if list(at[:steps]) == first:
+            recorded[key] = values[:steps].astype(np.float64)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}-replay.pt"
+        fam.train(with_steps(stored.config, steps), device, str(path), False)
+        history = training.load_checkpoint(path, config_type=fam.recipe_type).history
+    out = {}
+    for key, values in recorded.items():
+        at, again = history.series(key)
+        if list(at[:steps]) != first:
+            raise ValueError(f"the replay of {name!r} did not log {key!r} at steps 1..{steps} as its "
+                             "shipped run did: the family's training code changed what it records")
+        out[key] = (values, again[:steps].astype(np.float64))
+    return out
+
+
 # ------------------------------------------------------------------------ exporting
 
 def export(name: str, run: str | os.PathLike, *, family: str, train_seconds: float, machine: str,
@@ -319,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="ship the weights of a finished run")
     ex.add_argument("name")
-    ex.add_argument("run", help="the run's checkpoint (diffusion.train_recipe(..., checkpoint=...) or "
-                                "gpt.train_recipe(recipe, checkpoint))")
+    ex.add_argument("run", help="the run's checkpoint (diffusion.train_recipe(..., checkpoint=...), "
+                                "gan.train_recipe(..., checkpoint=...) or gpt.train_recipe(recipe, checkpoint))")
     ex.add_argument("--family", default="diffusion", choices=sorted(FAMILIES))
     ex.add_argument("--seconds", type=float, required=True, help="the run's training time")
     ex.add_argument("--machine", required=True, help="the machine it ran on, in words")

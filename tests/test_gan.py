@@ -414,3 +414,69 @@ def test_tiny_colour_dcgan_learns_one_batch_at_32x32():
     assert to_batch < 0.6 * to_batch_before, (to_batch_before, to_batch)
     assert to_sample < 0.6 * to_sample_before, (to_sample_before, to_sample)
 
+
+
+# ------------------------------------------------------------------------ the recipe
+
+# the shipped recipe's data and network at a size that trains in a fraction of a second
+TINY_RECIPE = gan.GANRecipe(model=gan._openmoji_dcgan(4), steps=3, batch_size=8)
+
+
+def test_gan_recipe_validates_its_fields_and_its_fit_to_the_data(tmp_path):
+    assert gan.GANRecipe().model == gan.DCGAN_OPENMOJI_SIZES["cpu"]["model"]
+    assert gan.GAN_RECIPE.model.lr == 5e-4 and gan.GAN_RECIPE.model.channels == 3
+    for bad, field in [(dict(steps=0), "steps"), (dict(batch_size=-1), "batch_size"), (dict(seed=-1), "seed"),
+                       (dict(seed=1.5), "seed")]:
+        with pytest.raises(ValueError, match=f"GANRecipe.{field}"):
+            dataclasses.replace(TINY_RECIPE, **bad)
+    with pytest.raises(TypeError, match="DCGANConfig"):
+        dataclasses.replace(TINY_RECIPE, model="small")
+    with pytest.raises(ValueError, match="or image_size=32"):         # says which argument fixes it
+        dataclasses.replace(TINY_RECIPE, image_size=64)
+    with pytest.raises(ValueError, match=r"channels=3\)"):
+        dataclasses.replace(TINY_RECIPE, model=dataclasses.replace(TINY_RECIPE.model, channels=1))
+    with pytest.raises(ValueError, match=r"channels=1\)"):
+        gan.GANRecipe(model=gan.DCGANConfig(channels=3, image_size=28), dataset="mnist5k", image_size=28)
+    # a recipe round-trips through a checkpoint (its nested config comes back as a DCGANConfig)
+    path = training.save_checkpoint(tmp_path / "r.pt", {}, config=gan.GAN_RECIPE)
+    back = training.load_checkpoint(path, config_type=gan.GANRecipe).config
+    assert back == gan.GAN_RECIPE and isinstance(back.model, gan.DCGANConfig)
+
+
+def _states(*modules):
+    return [t for m in modules for t in m.state_dict().values()]
+
+
+def test_train_recipe_is_deterministic_and_resumes_exactly(tmp_path):
+    G, D, history = gan.train_recipe(TINY_RECIPE, progress=False)
+    assert history.step == 3 and sorted(history.keys()) == ["d_fake", "d_real", "loss_d", "loss_g"]
+    assert list(history.series("loss_d")[0]) == [1, 2, 3]
+    G2, D2, history2 = gan.train_recipe(TINY_RECIPE, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(_states(G, D), _states(G2, D2)))
+    assert history2.records == history.records
+    # the same run in two sittings: 1 step, then resumed from the checkpoint up to 3
+    path = tmp_path / "run.pt"
+    gan.train_recipe(dataclasses.replace(TINY_RECIPE, steps=1), checkpoint=str(path), progress=False)
+    assert training.load_checkpoint(path, config_type=gan.GANRecipe).history.step == 1
+    G3, D3, history3 = gan.train_recipe(TINY_RECIPE, checkpoint=str(path), save_every=2, progress=False)
+    assert history3.step == 3 and history3.records == history.records
+    assert all(torch.equal(a, b) for a, b in zip(_states(G, D), _states(G3, D3)))
+    stored = training.load_checkpoint(path, config_type=gan.GANRecipe)
+    assert stored.config == TINY_RECIPE and stored.history.step == 3
+    # the shipped part is the generator: build_gan gives the same network to load it into
+    G4 = gan.build_gan(TINY_RECIPE)
+    training.load_checkpoint(path, {"generator": G4})
+    assert all(torch.equal(a, b) for a, b in zip(_states(G), _states(G4)))
+    # the run depends on the seed, and training moved the weights
+    G5, _, _ = gan.train_recipe(dataclasses.replace(TINY_RECIPE, seed=1), progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(_states(G), _states(G5)))
+    assert not all(torch.equal(a, b) for a, b in zip(_states(G), _states(gan.build_gan(TINY_RECIPE))))
+
+
+def test_train_recipe_refuses_a_checkpoint_of_another_recipe(tmp_path):
+    path = tmp_path / "run.pt"
+    gan.train_recipe(dataclasses.replace(TINY_RECIPE, steps=1), checkpoint=str(path), progress=False)
+    with pytest.raises(ValueError, match="another recipe"):
+        gan.train_recipe(dataclasses.replace(TINY_RECIPE, seed=1), checkpoint=str(path), progress=False)
+    with pytest.raises(ValueError, match="save_every"):
+        gan.train_recipe(TINY_RECIPE, checkpoint=str(path), save_every=0, progress=False)
