@@ -342,7 +342,7 @@ def provenance(images: torch.Tensor, train, *, k: int = 3, licence: str | None =
     """The provenance of each image of ``(N, C, H, W)``: its ``k`` nearest images in the
     training set ``train`` (a :class:`data.ImageDataset`; pixel L2 distance, as
     :func:`metrics.nearest_neighbours`), their names (captions) and ``licence`` (default:
-    OpenMoji's attribution and licence). With ``copy_distance`` (the smallest distance from
+    OpenMoji's attribution line, which names its licence, CC BY-SA 4.0). With ``copy_distance`` (the smallest distance from
     a held-out image to the training set, :func:`metrics.memorisation_check`'s
     ``held_out["min"]``), an image nearer than that to a training image is flagged."""
     from .data import openmoji_attribution
@@ -352,7 +352,7 @@ def provenance(images: torch.Tensor, train, *, k: int = 3, licence: str | None =
                          "must have the same shape")
     if not runtime.is_int(k) or not 1 <= k <= len(train):
         raise ValueError(f"k must be an int in [1, {len(train)}], got {k!r}")
-    licence = licence if licence is not None else f"{openmoji_attribution()} (CC BY-SA 4.0)"
+    licence = licence if licence is not None else openmoji_attribution()     # names CC BY-SA 4.0
     ref = train.images.flatten(1).double()
     d = torch.cdist(images.detach().cpu().flatten(1).double(), ref)            # (N, M)
     dist, idx = d.topk(k, largest=False)
