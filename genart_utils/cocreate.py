@@ -155,9 +155,7 @@ def inpaint(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, mask: t
         labels = labels.to(device)
     x = torch.randn(x0.shape, generator=generator).to(device)
     m_d, x0_d = m.to(device), x0.to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with runtime.eval_mode(model):
         for i, t in enumerate(ts.tolist()):
             s = int(ts[i + 1]) if i + 1 < len(ts) else -1
             ab_t = float(schedule.alpha_bars[t])
@@ -173,8 +171,6 @@ def inpaint(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, mask: t
                 else:
                     break
             x = x_s
-    finally:
-        model.train(was_training)
     return m * x.cpu() + (1 - m) * x0
 
 

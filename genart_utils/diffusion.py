@@ -698,19 +698,15 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: Sequence[int], *, m
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x.shape)}, expected {tuple(shape)}")
     x = x.to(device)
-    was_training = model.training
-    model.eval()
     out = from_model_range if to_images else (lambda v: v)
     states = [out(x).cpu()] if trajectory else None
-    try:
+    with runtime.eval_mode(model):
         for i, t in enumerate(ts.tolist()):
             s = int(ts[i + 1]) if i + 1 < len(ts) else -1
             x, _ = reverse_step(model, schedule, x, t, s, method=method, eta=eta, labels=labels,
                                 guidance=guidance, generator=generator, clip_x0=clip_x0)
             if trajectory:
                 states.append(out(x).cpu())
-    finally:
-        model.train(was_training)
     images = out(x).cpu()
     return (images, torch.stack(states)) if trajectory else images
 

@@ -424,14 +424,10 @@ def sample(G: nn.Module, n: int, generator: torch.Generator | None = None,
     Returns the generator's raw output on the CPU (``[-1, 1]`` for the DCGAN).
     """
     device = device or next(G.parameters()).device
-    was_training = G.training
-    G.eval()
-    try:
+    with runtime.eval_mode(G):
         if z is None:
             z = sample_latent(n, G.config.latent_dim, generator, device)
         return G(z.to(device)).float().cpu()
-    finally:
-        G.train(was_training)
 
 
 def to_tanh_range(x: torch.Tensor) -> torch.Tensor:

@@ -379,17 +379,13 @@ def encode_images(model: KLAutoencoder, images: torch.Tensor, *, batch_size: int
     the encoder means ``mu`` ``(N, c, h, w)``, or, with a ``generator``, one draw
     :math:`z \\sim q(z \\mid x)` per image."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with runtime.eval_mode(model):
         out = []
         for chunk in images.split(batch_size):
             mu, logvar = model.encode(chunk.to(device))
             z = mu if generator is None else reparameterize(mu, logvar, generator=generator)
             out.append(z.float().cpu())
         return torch.cat(out)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -397,12 +393,8 @@ def decode_latents(model: KLAutoencoder, z: torch.Tensor, *, batch_size: int = 2
     """Images ``(N, C, S, S)`` in ``[0, 1]`` (clamped, on the CPU) from latents ``(N, c, h, w)``.
     Latents of a diffusion model trained on scaled latents must be divided by the scale first."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with runtime.eval_mode(model):
         return torch.cat([model.decode(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def reconstruct(model: KLAutoencoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -424,17 +416,13 @@ def evaluate(model: KLAutoencoder, images: torch.Tensor, batch_size: int = 256) 
       latent: ``rate_nats / (c h w)``).
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with runtime.eval_mode(model):
         errors, rates = [], []
         for chunk in images.split(batch_size):
             mu, logvar = model.encode(chunk.to(device))
             x_hat = model.decode(mu).float().cpu()
             errors.append((x_hat - chunk).pow(2).flatten(1).mean(1))
             rates.append(gaussian_kl(mu.float().flatten(1), logvar.float().flatten(1)).cpu())
-    finally:
-        model.train(was_training)
     mse = float(torch.cat(errors).mean())
     return {"mse": mse, "psnr_db": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
             "rate_nats": float(torch.cat(rates).mean())}

@@ -301,6 +301,20 @@ def setup_notebook(seed: int = 0, profile: str | None = None, device: str | None
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a block with ``model`` in evaluation mode (dropout off, batch norm on its running
+    statistics), then put it back in the mode it was in, even if the block raises:
+    ``with eval_mode(G): images = G(z)``. Sampling and evaluation use it so that they never
+    leave a model that is being trained in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def timer() -> Iterator[dict[str, float]]:
     """Measure a block's wall time: ``with timer() as t: ...`` then ``t["seconds"]``."""
     result = {"seconds": float("nan")}

@@ -744,9 +744,7 @@ def elbo_terms_of(model: VAE, x: torch.Tensor, *, batch_size: int = 500,
     discretised decoder; one reparameterised sample per image, analytic KL), in evaluation
     mode; ``(N,)`` each, CPU."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with runtime.eval_mode(model):
         recs, kls = [], []
         for chunk in x.split(batch_size):
             chunk = chunk.to(device)
@@ -755,8 +753,6 @@ def elbo_terms_of(model: VAE, x: torch.Tensor, *, batch_size: int = 500,
             recs.append(terms.reconstruction.cpu())
             kls.append(terms.kl.cpu())
         return ELBOTerms(torch.cat(recs), torch.cat(kls))
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -786,9 +782,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, *, generator: torch.Generato
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with runtime.eval_mode(model):
         x = x.to(device)
         mu, logvar = (t.float() for t in model.encode(x))
         chunk = max(1, max_decodes // len(x))
@@ -800,8 +794,6 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, *, generator: torch.Generato
             log_w.append(log_importance_weights(x, logits, z, mu, logvar,
                                                 model.log_likelihood))           # (s, B)
         return log_mean_exp(torch.cat(log_w), dim=0).cpu()
-    finally:
-        model.train(was_training)
 
 
 def evaluate_per_image(model: VAE, x: torch.Tensor, *, ks: tuple[int, ...] = (),
@@ -872,16 +864,12 @@ def sample(model: VAE, n: int, generator: torch.Generator | None = None,
         raise ValueError(f"binary=True draws binary images, but this VAE's decoder is "
                          f"{model.config.likelihood!r} (8-bit pixels); pass draw=True instead")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with runtime.eval_mode(model):
         if z is None:
             z = _randn((n, model.config.latent_dim), generator, device)
         params = model.decode(z.to(device)).float()
         images = model.decoder_draw(params, generator) if (draw or binary) else model.decoder_mean(params)
         return images.cpu()
-    finally:
-        model.train(was_training)
 
 
 def fit_pixel_bernoulli(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

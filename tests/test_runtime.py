@@ -175,3 +175,16 @@ def test_check_fields_accepts_edges_and_numpy_numbers_and_stores_python_numbers(
     assert cfg == _Config(width=3, steps=0, lr=0.5, beta=0, p=1, dropout=0.0)
     assert type(cfg.width) is int and type(cfg.lr) is float
     _Config(p=0.0, dropout=0.999, lr=1)  # ints are numbers; the closed / open ends hold
+
+
+def test_eval_mode_restores_the_mode_even_when_the_block_raises():
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    for start in (True, False):
+        model.train(start)
+        with runtime.eval_mode(model) as inside:
+            assert inside is model and not model.training
+        assert model.training is start
+        with pytest.raises(RuntimeError, match="boom"):
+            with runtime.eval_mode(model):
+                raise RuntimeError("boom")
+        assert model.training is start
