@@ -266,19 +266,21 @@ class _Panel(ExplorerPanel):
                 for item in items)
 
     def _attempt(self, work: Callable[[], Figure], keep: Figure | None = None) -> Figure | None:
-        """Show ``work()``'s figure, or its ValueError as a message (above ``keep``, if given)."""
+        """Show ``work()``'s figure (and the text under it, when ``work`` returns
+        ``(figure, text)``), or its ValueError as a message (above ``keep``, if given)."""
         with self.output:
             try:
-                figure = work()
+                result = work()
             except ValueError as error:
                 self.message = str(error)
                 self._show(self.message, *([keep] if keep is not None else []))
                 return None
+            figure, text = result if isinstance(result, tuple) else (result, None)
             if not isinstance(figure, Figure):
                 raise TypeError(f"the panel's callback must return a matplotlib Figure, "
                                 f"got {type(figure).__name__}")
             self.message, self.figure = "", figure
-            self._show(figure)
+            self._show(figure, *([text] if text else []))
             return figure
 
     def _say(self, message: str) -> None:
@@ -476,11 +478,13 @@ class FavouritesPanel(_Panel):
              "and breed the next generation; the figure above shows the first population]")
 
     def __init__(self, images_fn: Callable[[], torch.Tensor],
-                 next_fn: Callable[[list[int]], None], *, columns: int = 4) -> None:
+                 next_fn: Callable[[list[int]], None], *, columns: int = 4,
+                 describe: Callable[[torch.Tensor], str] | None = None) -> None:
         super().__init__()
         if columns < 1:
             raise ValueError(f"columns must be at least 1, got {columns}")
         self._images_fn, self._next_fn, self.columns = images_fn, next_fn, columns
+        self._describe = describe
         self.generation = 0
         self.checkboxes: list[ipywidgets.Checkbox] = []
         self._boxes = _grid_box([], columns, "1fr")
@@ -489,7 +493,7 @@ class FavouritesPanel(_Panel):
         self.redraw()
         self.children = [self.output, self._boxes, button]
 
-    def _population_figure(self) -> Figure:
+    def _population_figure(self) -> tuple[Figure, str | None]:
         images = self._images_fn()
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
             raise ValueError("images_fn must return a non-empty (P, C, H, W) tensor, got "
@@ -501,9 +505,9 @@ class FavouritesPanel(_Panel):
             self._boxes.children = self.checkboxes
         for box in self.checkboxes:
             box.value = False
-        return plotting.image_grid(images, nrow=self.columns,
-                                   labels=[f"#{i}" for i in range(n)],
-                                   title=f"generation {self.generation}: tick your favourites")
+        figure = plotting.image_grid(images, nrow=self.columns, labels=[f"#{i}" for i in range(n)],
+                                     title=f"generation {self.generation}: tick your favourites")
+        return figure, (self._describe(images) if self._describe is not None else None)
 
     def redraw(self) -> Figure | None:
         """Draw the current population and untick every box."""
@@ -525,12 +529,14 @@ class FavouritesPanel(_Panel):
 
 
 def favourites_panel(images_fn: Callable[[], torch.Tensor],
-                     next_fn: Callable[[list[int]], None], *, columns: int = 4) -> FavouritesPanel:
+                     next_fn: Callable[[list[int]], None], *, columns: int = 4,
+                     describe: Callable[[torch.Tensor], str] | None = None) -> FavouritesPanel:
     """Interactive selection: tick favourites among the population, press Next generation.
 
     ``images_fn()`` returns the current population ``(P, 3, H, W)`` in [0, 1], drawn in a
     grid of ``columns`` with numbered images ``#0..#P-1``; Next generation calls
     ``next_fn(picked)`` with the ticked indices and redraws. Picking none (or a ValueError
-    from a callback) is shown as a message above the population.
+    from a callback) is shown as a message above the population. ``describe(images)``, if
+    given, is a text shown under each population (say, each image's provenance).
     """
-    return FavouritesPanel(images_fn, next_fn, columns=columns)
+    return FavouritesPanel(images_fn, next_fn, columns=columns, describe=describe)

@@ -327,3 +327,14 @@ def test_favourites_panel_needs_a_pick_then_breeds_from_the_picks():
     assert panel.picked() == [1, 4]
     assert isinstance(panel.next(), Figure) and bred == [[1, 4]] and panel.message == ""
     assert len(panel.checkboxes) == 4 and panel.picked() == [] and panel.generation == 1
+
+
+def test_favourites_panel_shows_the_description_of_each_population_under_it():
+    population = {"images": torch.rand(2, 3, 8, 8)}
+    panel = widgets.favourites_panel(lambda: population["images"], lambda picked: None,
+                                     describe=lambda images: f"{len(images)} images, nearest: none")
+    assert "2 images, nearest: none" in _printed(panel.output)
+    assert panel.output.outputs[0]["output_type"] == "display_data"     # the figure, then its text
+    population["images"] = torch.rand(3, 3, 8, 8)
+    panel.checkboxes[0].value = True
+    assert isinstance(panel.next(), Figure) and "3 images" in _printed(panel.output)
